@@ -88,8 +88,9 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat([skip_kv[1][:, :, : self.n_skip_heads], v[:, :, self.n_skip_heads :]], dim=2)
 
         # With a cache, new queries sit at the end of the sequence; SDPA's is_causal aligns them to the start.
+        # (A Python bool, not `past_len == 0`: under dynamic shapes that is symbolic and breaks the graph.)
         past_len = k.size(1) - T
-        is_causal, attn_mask = past_len == 0, None
+        is_causal, attn_mask = (True if past_len == 0 else False), None
         if past_len > 0 and T > 1:
             attn_mask = torch.ones(T, k.size(1), dtype=torch.bool, device=x.device).tril(diagonal=past_len)
         y = F.scaled_dot_product_attention(

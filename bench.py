@@ -1,0 +1,338 @@
+"""
+Training-step time, peak memory and decode speed of plain GPT-2 and its SLA variants, measured in one run.
+
+    python bench.py --shapes=tiny:64:2 --device=cpu                                     # a quick CPU check
+    python bench.py --shapes=small:4096:4,small:8192:2 --compile --out=results/bench-h100.jsonl
+
+A shape is model:block_size:batch_size with model one of MODELS. For each shape the plain model is measured
+first, then one SLA model per --sla_skips entry, and each SLA row carries its ratios to that plain row
+(--repeat=2 alternates the whole round twice, to show the noise). Every step is train.py's: autocast, the
+memory-lean loss (return_logits=False), backward, gradient clipping at 1.0, AdamW (fused on CUDA) and
+zero_grad(set_to_none=True), with the next batch drawn between forward and backward. Each step is timed
+between two device synchronisations; the median (and mean) of --timed_steps steps after --warmup_steps is
+reported. Decode speed is model.generate with the KV cache (eager), batch 1, after a prompt of
+--decode_prompt_tokens tokens, prefill included. Each row is printed as it comes and appended to --out as a
+JSON line, so several runs can fill one file; a table ends the run. A model that runs out of memory gets a row
+with "error" and the run goes on.
+"""
+
+import gc
+import json
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch._dynamo
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from configurator import parse_cli
+from model import GPT, GPTConfig
+
+# GPT-2's sizes, and a CPU-sized model with GPT-2's 12 layers, so that every skip distance up to 11 applies
+MODELS = {
+    "tiny": dict(n_layer=12, n_head=4, n_embd=64),
+    "small": dict(n_layer=12, n_head=12, n_embd=768),
+    "medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+# Every JSON line has these keys, in this order (None where a value does not apply or was not measured).
+ROW_FIELDS = (
+    # what was measured
+    "gpu", "torch", "shape", "model", "block_size", "batch_size", "sla", "sla_skip", "sla_head_ratio",
+    "n_skip_heads", "compile", "dtype", "sdpa_backend", "data", "vocab_size", "bias", "warmup_steps",
+    "timed_steps", "repeat", "n_params",
+    # training steps
+    "ms_per_step", "ms_per_step_mean", "ms_per_step_min", "ms_per_step_max", "first_step_s", "tokens_per_s",
+    "mfu", "peak_mem_gib", "loss",
+    # KV-cache decoding
+    "decode_prompt_tokens", "decode_tokens", "decode_tokens_per_s",
+    # SLA rows: SLA / plain of the same shape and round
+    "ratio_step_time", "ratio_peak_mem", "ratio_decode_tokens_per_s",
+    "error",
+)  # fmt: skip
+
+
+class Shape(NamedTuple):
+    name: str  # as given, e.g. "small:8192:2"
+    model: str
+    block_size: int
+    batch_size: int
+
+
+def parse_shape(text: str) -> Shape:
+    model, *numbers = text.split(":")
+    if model not in MODELS or len(numbers) != 2 or not all(n.isdigit() and int(n) > 0 for n in numbers):
+        raise ValueError(f"shapes: {text!r} is not model:block_size:batch_size with model one of {sorted(MODELS)}")
+    return Shape(text, model, int(numbers[0]), int(numbers[1]))
+
+
+@dataclass
+class BenchConfig:
+    # issue 7's shapes, and GPT-2 small at 1K x 16 for the comparison with nanoGPT
+    shapes: tuple[str, ...] = (
+        "small:1024:16", "small:4096:4", "small:8192:2", "small:16384:1", "medium:8192:1", "medium:16384:1",
+    )  # fmt: skip
+    sla_skips: tuple[int, ...] = (9, 1)  # one SLA model per skip distance; () measures the plain model alone
+    sla_head_ratio: float = 0.75
+    compile: bool = False
+    warmup_steps: int = 8
+    timed_steps: int = 20
+    repeat: int = 1  # rounds of plain + SLA models per shape
+    data: str = "synthetic"  # 'synthetic' (one fixed random batch) | a folder with train.bin and meta.json
+    device: str = "auto"  # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:N'
+    dtype: str = "auto"  # 'auto' (bfloat16 on CUDA, float16 if unsupported; float32 on CPU) | 'bfloat16' | ...
+    sdpa_backend: str = "auto"  # 'auto' (PyTorch picks) | 'flash' | 'cudnn' | 'efficient' | 'math'
+    bias: bool = False  # as nanoGPT's benchmark measured GPT-2
+    vocab_size: int = 50304
+    decode_tokens: int = 256  # new tokens of the decode measurement (fewer if block_size is short); 0 skips it
+    decode_prompt_tokens: int = 128
+    seed: int = 0
+    out: str = ""  # JSON-lines file the rows are appended to; '' prints only
+
+    def __post_init__(self):
+        shapes = [parse_shape(text) for text in self.shapes]
+        if not shapes:
+            raise ValueError("shapes: give at least one model:block_size:batch_size")
+        for shape in shapes:
+            n_layer, n_head = MODELS[shape.model]["n_layer"], MODELS[shape.model]["n_head"]
+            for skip in self.sla_skips:
+                if not 1 <= skip < n_layer:
+                    raise ValueError(
+                        f"sla_skips: {skip} must be in [1, {n_layer}) for {shape.model}'s {n_layer} layers"
+                    )
+            if self.sla_skips and round(self.sla_head_ratio * n_head) == 0:
+                raise ValueError(f"sla_head_ratio: {self.sla_head_ratio} of {shape.model}'s {n_head} heads is 0 heads")
+        if self.warmup_steps < 0 or self.timed_steps < 1 or self.repeat < 1 or self.decode_tokens < 0:
+            raise ValueError("warmup_steps and decode_tokens must be >= 0, timed_steps and repeat >= 1")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.sdpa_backend not in ("auto", *SDPA_BACKENDS):
+            raise ValueError(f"sdpa_backend must be auto or one of {sorted(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
+        if self.data != "synthetic":
+            for name in ("train.bin", "meta.json"):
+                if not (Path(self.data) / name).is_file():
+                    raise ValueError(f"data: {Path(self.data) / name} not found (use 'synthetic' or a prepared folder)")
+            data_vocab_size = json.loads((Path(self.data) / "meta.json").read_text())["vocab_size"]
+            if data_vocab_size > self.vocab_size:
+                raise ValueError(f"vocab_size: {self.vocab_size} is less than {self.data}'s {data_vocab_size}")
+
+
+def batch_source(config: BenchConfig, shape: Shape, device: str):
+    """A function returning the next (inputs, targets) batch, drawn as train.py draws them."""
+    if config.data == "synthetic":
+        # Step time does not depend on the token values: one fixed batch, already on the device.
+        generator = torch.Generator().manual_seed(config.seed)
+        windows = torch.randint(config.vocab_size, (shape.batch_size, shape.block_size + 1), generator=generator)
+        windows = windows.to(device)
+        return lambda: (windows[:, :-1], windows[:, 1:])
+
+    meta = json.loads((Path(config.data) / "meta.json").read_text())
+    tokens = np.memmap(Path(config.data) / "train.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(tokens) <= shape.block_size:
+        raise ValueError(f"{config.data}/train.bin holds {len(tokens)} tokens, too few for {shape.name}")
+    rng = np.random.default_rng(config.seed)
+
+    def next_batch():
+        starts = rng.integers(0, len(tokens) - shape.block_size, size=shape.batch_size)
+        windows = torch.from_numpy(np.stack([tokens[s : s + shape.block_size + 1] for s in starts]).astype(np.int64))
+        if device.startswith("cuda"):
+            windows = windows.pin_memory().to(device, non_blocking=True)
+        return windows[:, :-1], windows[:, 1:]
+
+    return next_batch
+
+
+def measure_decode(model: GPT, config: BenchConfig, device: str, autocast) -> dict:
+    """Tokens per second of KV-cache generation, batch 1; the prompt and new tokens fit in block_size."""
+    block_size = model.config.block_size
+    prompt_tokens = min(config.decode_prompt_tokens, block_size // 2)
+    new_tokens = min(config.decode_tokens, block_size - prompt_tokens)
+    prompt = torch.randint(config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
+    generator = torch.Generator(device).manual_seed(config.seed)
+    model.eval()
+    with autocast:
+        model.generate(prompt, new_tokens, generator=generator)  # warm-up: every kernel, cache size and allocation
+        started = time.perf_counter()
+        model.generate(prompt, new_tokens, generator=generator)[0, -1].item()  # .item() waits for the device
+        seconds = time.perf_counter() - started
+    return {
+        "decode_prompt_tokens": prompt_tokens,
+        "decode_tokens": new_tokens,
+        "decode_tokens_per_s": new_tokens / seconds,
+    }
+
+
+def measure(config: BenchConfig, shape: Shape, sla_skip: int | None, device: str, dtype: str) -> dict:
+    """Build one model, run warm-up and timed training steps, then decode; the measured fields of its row."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
+    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+    torch.manual_seed(config.seed)  # plain and SLA models start from the same weights
+    sla = {"sla": True, "sla_skip": sla_skip, "sla_head_ratio": config.sla_head_ratio} if sla_skip else {}
+    model_config = GPTConfig(
+        block_size=shape.block_size, vocab_size=config.vocab_size, bias=config.bias, **MODELS[shape.model], **sla
+    )
+    model = GPT(model_config).to(device)
+    optimizer = model.configure_optimizers(
+        weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type=device_type
+    )
+    train_model = torch.compile(model) if config.compile else model
+    next_batch = batch_source(config, shape, device)
+
+    step_seconds = []
+    x, y = next_batch()
+    for _ in range(config.warmup_steps + config.timed_steps):
+        synchronize()
+        started = time.perf_counter()
+        with autocast:
+            _, loss = train_model(x, y, return_logits=False)
+        x, y = next_batch()  # as train.py: the next batch is fetched while the device works on this one
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize()
+        step_seconds.append(time.perf_counter() - started)
+    timed_ms = [seconds * 1000 for seconds in step_seconds[config.warmup_steps :]]
+    ms_per_step = statistics.median(timed_ms)
+    tokens_per_s = shape.batch_size * shape.block_size / (ms_per_step / 1000)
+    row = {
+        "n_params": model.get_num_params(),
+        "ms_per_step": ms_per_step,
+        "ms_per_step_mean": statistics.mean(timed_ms),
+        "ms_per_step_min": min(timed_ms),
+        "ms_per_step_max": max(timed_ms),
+        "first_step_s": step_seconds[0],  # compilation included
+        "tokens_per_s": tokens_per_s,
+        "mfu": model.estimate_mfu(tokens_per_s, seq_len=shape.block_size),
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None,
+        "loss": loss.item(),
+    }
+    if config.decode_tokens > 0:
+        row.update(measure_decode(model, config, device, autocast))
+    return row
+
+
+def free_device_memory(device: str):
+    """Forget compiled graphs and cached blocks, so that each model is measured on an empty device."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def print_table(rows: list[dict]):
+    columns = [
+        ("shape", "{}"), ("sla_skip", "{}"), ("ms_per_step", "{:.2f}"), ("ms_per_step_mean", "{:.2f}"),
+        ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}"), ("peak_mem_gib", "{:.2f}"),
+        ("decode_tokens_per_s", "{:.1f}"), ("ratio_step_time", "{:.3f}"), ("ratio_peak_mem", "{:.3f}"),
+        ("error", "{}"),
+    ]  # fmt: skip
+    cells = [[name for name, _ in columns]]
+    cells += [["-" if row[name] is None else fmt.format(row[name]) for name, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def main(config: BenchConfig) -> list[dict]:
+    """Measure every shape's plain and SLA models; print, append to config.out, and return the rows."""
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"  # an explicit index: set_device and the stats need one
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # as train.py: TF32 for float32 matmuls outside autocast
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    print(f"{gpu}, torch {torch.__version__}, {dtype}, compile={config.compile}, sdpa_backend={config.sdpa_backend}")
+
+    shapes = [parse_shape(text) for text in config.shapes]
+    runs = [(shape, r, skip) for shape in shapes for r in range(config.repeat) for skip in (None, *config.sla_skips)]
+    rows: list[dict] = []
+    for number, (shape, repeat, sla_skip) in enumerate(runs, start=1):
+        label = f"{shape.name} " + ("plain" if sla_skip is None else f"SLA skip {sla_skip}")
+        print(f"[{number}/{len(runs)}] {label}: {'compiling, ' if config.compile else ''}measuring ...", flush=True)
+        n_skip_heads = round(config.sla_head_ratio * MODELS[shape.model]["n_head"]) if sla_skip else 0
+        row = dict.fromkeys(ROW_FIELDS) | {
+            "gpu": gpu,
+            "torch": torch.__version__,
+            "shape": shape.name,
+            "model": shape.model,
+            "block_size": shape.block_size,
+            "batch_size": shape.batch_size,
+            "sla": sla_skip is not None,
+            "sla_skip": sla_skip,
+            "sla_head_ratio": config.sla_head_ratio if sla_skip else None,
+            "n_skip_heads": n_skip_heads,
+            "compile": config.compile,
+            "dtype": dtype,
+            "sdpa_backend": config.sdpa_backend,
+            "data": config.data,
+            "vocab_size": config.vocab_size,
+            "bias": config.bias,
+            "warmup_steps": config.warmup_steps,
+            "timed_steps": config.timed_steps,
+            "repeat": repeat,
+        }
+        free_device_memory(device)
+        try:
+            # a new context each time: sdpa_kernel's can be entered only once
+            with nullcontext() if config.sdpa_backend == "auto" else sdpa_kernel(SDPA_BACKENDS[config.sdpa_backend]):
+                row.update(measure(config, shape, sla_skip, device, dtype))
+        except RuntimeError as err:  # torch.OutOfMemoryError, or one that the compiler wrapped
+            if "out of memory" not in str(err):
+                raise
+            row["error"] = "out of memory: " + str(err).splitlines()[0][:200]
+
+        if sla_skip is None:
+            plain = row
+        elif row["error"] is None and plain["error"] is None:
+            for ratio, key in (
+                ("ratio_step_time", "ms_per_step"),
+                ("ratio_peak_mem", "peak_mem_gib"),
+                ("ratio_decode_tokens_per_s", "decode_tokens_per_s"),
+            ):
+                if row[key] is not None and plain[key]:
+                    row[ratio] = row[key] / plain[key]
+        rows.append(row)
+        if row["error"]:
+            print(f"    {row['error']}", flush=True)
+        else:
+            peak = "" if row["peak_mem_gib"] is None else f", peak {row['peak_mem_gib']:.2f} GiB"
+            ratio = "" if row["ratio_step_time"] is None else f", SLA/plain step time {row['ratio_step_time']:.3f}"
+            print(
+                f"    {row['ms_per_step']:.2f} ms/step (median; mean {row['ms_per_step_mean']:.2f}), "
+                f"first step {row['first_step_s']:.1f} s{peak}{ratio}",
+                flush=True,
+            )
+        if config.out:
+            Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(config.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_cli(BenchConfig))

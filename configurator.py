@@ -1,0 +1,142 @@
+"""
+Typed configuration for any dataclass, nanoGPT style: `python script.py [config/FILE.py ...] [--key=value ...]`.
+
+Config files are plain Python run in an empty namespace; every public name they assign must be a field of the
+dataclass (imported modules and `_private` names are ignored). Arguments apply left to right, so overrides
+given after a config file win. Values are typed by the field annotations: int, float (an int is accepted),
+str, bool (true/false/1/0/yes/no/on/off; a bare `--flag` means True), tuple[int, ...] (`--sizes=4096,8192`)
+and `X | None` (`--key=None`). `--help` lists the keys with their defaults.
+"""
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A config file or command-line argument that does not fit the config dataclass."""
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; --help lists the keys"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _split_optional(annotation) -> tuple[typing.Any, bool]:
+    """(the annotation without None, whether None is allowed)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def _check_value(key: str, value, annotation):
+    """A Python value (from a config file or parsed text) checked against, and coerced to, the annotation."""
+    annotation, optional = _split_optional(annotation)
+    if value is None and optional:
+        return None
+    if typing.get_origin(annotation) in (tuple, list) and isinstance(value, (tuple, list)):
+        (element, *_) = typing.get_args(annotation) or (typing.Any,)
+        items = [_check_value(key, item, element) for item in value]
+        return tuple(items) if typing.get_origin(annotation) is tuple else items
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is typing.Any or (isinstance(annotation, type) and type(value) is annotation):
+        return value
+    expected = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"config key {key!r} expects {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_text(key: str, text: str, annotation):
+    """Command-line text for one key, converted to the annotation's type."""
+    base, optional = _split_optional(annotation)
+    if optional and text.lower() == "none":
+        return None
+    origin = typing.get_origin(base)
+    if origin in (tuple, list):
+        (element, *_) = typing.get_args(base) or (str,)
+        items = [_parse_text(key, item.strip(), element) for item in text.split(",") if item.strip()]
+        return _check_value(key, items, base)
+    try:
+        if base is bool:
+            if text.lower() not in _TRUE | _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if base in (int, float, str):
+            return base(text)
+    except ValueError:
+        raise ConfigError(f"config key {key!r} expects {base.__name__}, got {text!r}") from None
+    raise ConfigError(f"config key {key!r} has annotation {annotation!r}, which the command line cannot set")
+
+
+def _read_config_file(path: str) -> dict:
+    namespace: dict = {}
+    try:
+        with open(path) as f:
+            source = f.read()
+        exec(compile(source, path, "exec"), namespace)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path!r}: {err.strerror}") from None
+    except Exception as err:
+        raise ConfigError(f"config file {path!r} failed: {type(err).__name__}: {err}") from None
+    return {
+        name: value
+        for name, value in namespace.items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+
+
+def parse_config(config_cls, argv: list[str]):
+    """An instance of the dataclass config_cls from config files and --key=value overrides (see module doc)."""
+    annotations = typing.get_type_hints(config_cls)
+    keys = [field.name for field in dataclasses.fields(config_cls)]
+    values: dict = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(describe_config(config_cls))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            for key, value in _read_config_file(arg).items():
+                if key not in annotations:
+                    raise ConfigError(f"in {arg}: {_unknown_key(key, keys)}")
+                values[key] = _check_value(key, value, annotations[key])
+            continue
+        key, has_value, text = arg[2:].partition("=")
+        if key not in keys:
+            raise _unknown_key(key, keys)
+        if has_value:
+            values[key] = _parse_text(key, text, annotations[key])
+        elif annotations[key] is bool:
+            values[key] = True
+        else:
+            raise ConfigError(f"--{key} needs a value: write --{key}=VALUE (with '=', no space)")
+    try:
+        return config_cls(**values)
+    except ValueError as err:  # the dataclass's own checks (__post_init__)
+        raise ConfigError(str(err)) from None
+
+
+def describe_config(config_cls) -> str:
+    """One line per key: name, type and default (what --help prints)."""
+    annotations = typing.get_type_hints(config_cls)
+    lines = [f"{config_cls.__name__} keys (set in config files or as --key=value):"]
+    for field in dataclasses.fields(config_cls):
+        annotation = annotations[field.name]
+        type_name = annotation.__name__ if type(annotation) is type else str(annotation)
+        lines.append(f"  --{field.name}={field.default!r}  ({type_name})")
+    return "\n".join(lines)
+
+
+def parse_cli(config_cls, argv: list[str] | None = None):
+    """parse_config for a script's __main__: a ConfigError prints its message and exits with status 2."""
+    try:
+        return parse_config(config_cls, sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,180 @@
+"""
+Sample text from a trained checkpoint or from OpenAI's GPT-2 weights, with the model's KV-cache generate.
+
+    python sample.py --out_dir=out-sla --start="The meaning of life is" --num_samples=3
+    python sample.py --out_dir=out-sla --start=FILE:prompt.txt --temperature=0.7 --top_k=50
+    python sample.py --init_from=gpt2 --sla --sla_skip=1             # GPT-2 weights, run with SLA
+
+Keys: `python sample.py --help`. A checkpoint samples with the SLA settings it was trained with (its
+model_args); --sla, --sla_head_ratio and --sla_skip apply to GPT-2 weights only.
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from configurator import parse_cli
+from model import GPT, GPTConfig
+from prepare_openwebtext import get_tokenizer
+
+
+@dataclass
+class SampleConfig:
+    init_from: str = "resume"  # 'resume' (out_dir/ckpt.pt) | 'gpt2' | 'gpt2-medium' | ... | a Hugging Face GPT-2 dir
+    out_dir: str = "out"
+    # SLA for GPT-2 weights; None keeps GPTConfig's default. With a checkpoint, only values matching it are allowed.
+    sla: bool = False
+    sla_head_ratio: float | None = None
+    sla_skip: int | None = None
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 3
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 is greedy
+    top_k: int | None = 200  # None: sample from the full distribution
+    seed: int = 1337
+    device: str = "auto"  # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:N'
+    dtype: str = "auto"  # 'auto' (bfloat16 on CUDA, float16 if unsupported; float32 on CPU) | 'bfloat16' | ...
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.num_samples < 1 or self.max_new_tokens < 0:
+            raise ValueError("num_samples must be >= 1 and max_new_tokens >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+
+
+class SampleError(RuntimeError):
+    """A problem the user fixes (paths, prompt, flags); the message says how. CLI: printed, exit 1."""
+
+
+def requested_sla(config: SampleConfig) -> dict:
+    """
+    The SLA settings given on the command line. --sla counts only when on: off is also its default, so an
+    explicit --sla=False cannot be told from no flag at all.
+    """
+    requested = {"sla": True} if config.sla else {}
+    for key in ("sla_head_ratio", "sla_skip"):
+        if getattr(config, key) is not None:
+            requested[key] = getattr(config, key)
+    return requested
+
+
+def load_checkpoint_model(config: SampleConfig) -> tuple[GPT, str]:
+    """The model of out_dir/ckpt.pt and the name of the tokenizer its training data used."""
+    path = Path(config.out_dir) / "ckpt.pt"
+    if not path.is_file():
+        raise SampleError(
+            f"no checkpoint at {path}: train one first (python train.py --out_dir={config.out_dir} ...), "
+            f"or pass --out_dir=<a run's folder with ckpt.pt>"
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model_args = checkpoint["model_args"]
+    for key, value in requested_sla(config).items():
+        if value != model_args[key]:
+            raise SampleError(
+                f"--{key}={value} differs from the checkpoint's {key}={model_args[key]} ({path}): a checkpoint "
+                f"samples with the SLA settings it was trained with, so leave out --{key}"
+            )
+    model = GPT(GPTConfig(**model_args))
+    # a state dict saved from a torch.compile'd model has its keys prefixed; train.py saves the bare model's
+    model.load_state_dict({key.removeprefix("_orig_mod."): value for key, value in checkpoint["model"].items()})
+    tokenizer_name = checkpoint.get("meta", {}).get("tokenizer")
+    if tokenizer_name is None:
+        raise SampleError(f"{path} records no tokenizer (checkpoint['meta']['tokenizer']); was it made by train.py?")
+    return model, tokenizer_name
+
+
+def load_pretrained_model(config: SampleConfig) -> GPT:
+    overrides = requested_sla(config)
+    if overrides and not config.sla:
+        raise SampleError(f"{', '.join(f'--{key}' for key in overrides)} without --sla would change nothing")
+    return GPT.from_pretrained(config.init_from, **overrides)
+
+
+def load_tokenizer(name: str, source: str):
+    try:
+        return get_tokenizer(name)
+    except (ValueError, RuntimeError) as err:  # an unknown name; tiktoken's BPE files not found offline
+        raise SampleError(f"{source} uses the tokenizer {name!r}, which sample.py cannot load: {err}") from None
+
+
+def drop_padding_tokens(model: GPT, vocab_size: int):
+    """
+    Keep only the tokenizer's rows of the (tied) token embedding. train.py rounds the vocabulary up to a
+    multiple of 64 for faster matmuls; the extra ids are no tokens, yet a model can sample them. Without
+    their logits, the softmax samples from the real tokens alone.
+    """
+    if vocab_size > model.config.vocab_size:
+        raise SampleError(f"the tokenizer has {vocab_size} tokens, the model only {model.config.vocab_size}")
+    weight = nn.Parameter(model.lm_head.weight[:vocab_size])
+    model.lm_head.weight = model.transformer.wte.weight = weight
+    model.config.vocab_size = vocab_size
+
+
+def read_prompt(start: str) -> str:
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start.removeprefix("FILE:"))
+    if not path.is_file():
+        raise SampleError(f"prompt file {path} not found (from --start={start})")
+    return path.read_text(encoding="utf-8")
+
+
+def main(config: SampleConfig) -> list[str]:
+    """Print config.num_samples samples (prompt included) and the decoding speed; return the samples."""
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "float32" if device_type == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+    if config.init_from == "resume":
+        model, tokenizer_name = load_checkpoint_model(config)
+        tokenizer = load_tokenizer(tokenizer_name, f"the checkpoint in {config.out_dir}")
+    else:
+        model = load_pretrained_model(config)
+        tokenizer = load_tokenizer("gpt2", config.init_from)  # every released GPT-2 uses its own BPE
+    drop_padding_tokens(model, tokenizer.vocab_size)
+    model.eval().to(device)
+    if config.compile:
+        # generate runs hidden_states once per token with a growing cache: one graph for all lengths
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+
+    prompt_ids = tokenizer.encode(read_prompt(config.start)) or [tokenizer.eot_token]
+    if len(prompt_ids) > model.config.block_size:
+        raise SampleError(
+            f"the prompt is {len(prompt_ids)} tokens, longer than the model's block_size of "
+            f"{model.config.block_size}: shorten it"
+        )
+    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device).manual_seed(config.seed)  # the same seed gives the same samples
+
+    samples, seconds = [], 0.0
+    for _ in range(config.num_samples):
+        started = time.perf_counter()
+        with autocast:
+            ids = model.generate(prompt, config.max_new_tokens, config.temperature, config.top_k, generator)
+        ids = ids[0].tolist()  # waits for the device, so the clock reads finished work
+        seconds += time.perf_counter() - started
+        samples.append(tokenizer.decode(ids))
+        print(samples[-1])
+        print("-" * 80)
+    new_tokens = config.num_samples * config.max_new_tokens
+    note = ", compilation included" if config.compile else ""
+    print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s ({device}, {dtype}{note})")
+    return samples
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_cli(SampleConfig))
+    except SampleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

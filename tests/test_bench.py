@@ -1,0 +1,139 @@
+"""bench.py on CPU with tiny shapes: the rows it writes, their ratios, real data, out-of-memory rows, bad settings."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+from bench import ROW_FIELDS, BenchConfig
+from configurator import ConfigError, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = dict(device="cpu", warmup_steps=1, timed_steps=2, vocab_size=256, decode_tokens=8, decode_prompt_tokens=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: on 2 cores, a second thread's synchronisation costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_shapes_plain_then_each_sla_skip(tmp_path, capsys):
+    out = tmp_path / "results" / "bench.jsonl"
+    returned = bench.main(BenchConfig(shapes=("tiny:32:2", "tiny:16:1"), out=str(out), **FAST))
+    rows = read_rows(out)
+    assert rows == returned and len(rows) == 6
+    assert [(row["shape"], row["sla"], row["sla_skip"]) for row in rows] == [
+        ("tiny:32:2", False, None), ("tiny:32:2", True, 9), ("tiny:32:2", True, 1),
+        ("tiny:16:1", False, None), ("tiny:16:1", True, 9), ("tiny:16:1", True, 1),
+    ]  # fmt: skip
+    for row in rows:
+        assert list(row) == list(ROW_FIELDS)
+        assert row["gpu"] == "cpu" and row["torch"] == torch.__version__ and row["error"] is None
+        assert row["model"] == "tiny" and row["compile"] is False and row["dtype"] == "float32"
+        assert row["sdpa_backend"] == "auto" and row["bias"] is False and row["data"] == "synthetic"
+        assert 0 < row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
+        assert row["ms_per_step_min"] <= row["ms_per_step_mean"] <= row["ms_per_step_max"]
+        tokens = row["batch_size"] * row["block_size"]
+        assert row["tokens_per_s"] == pytest.approx(tokens / row["ms_per_step"] * 1000)
+        assert row["mfu"] is None and row["peak_mem_gib"] is None  # no GPU
+        assert 0 < row["loss"] < math.log(256) + 0.5  # from about ln(vocab), learning the one fixed batch
+        assert row["decode_prompt_tokens"] == 8 and row["decode_tokens"] == 8 and row["decode_tokens_per_s"] > 0
+        assert row["n_skip_heads"] == (3 if row["sla"] else 0)  # round(0.75 * 4 heads)
+        if row["sla"]:
+            assert row["sla_head_ratio"] == 0.75
+            assert row["ratio_step_time"] > 0 and row["ratio_decode_tokens_per_s"] > 0
+            assert row["ratio_peak_mem"] is None  # no GPU memory to compare
+        else:
+            assert row["sla_head_ratio"] is None and row["ratio_step_time"] is None
+    plain, sla = rows[0], rows[1]
+    assert sla["ratio_step_time"] == pytest.approx(sla["ms_per_step"] / plain["ms_per_step"])
+    assert plain["n_params"] == sla["n_params"]  # SLA adds no parameters
+    printed = capsys.readouterr().out
+    assert "[6/6] tiny:16:1 SLA skip 1" in printed and "ratio_step_time" in printed.splitlines()[-7]
+
+
+def test_repeat_alternates_and_rows_are_appended(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    config = BenchConfig(
+        shapes=("tiny:16:1",), sla_skips=(1,), repeat=2, sdpa_backend="math", out=str(out),
+        **{**FAST, "decode_tokens": 0},
+    )  # fmt: skip
+    bench.main(config)
+    bench.main(config)
+    rows = read_rows(out)
+    assert [(row["repeat"], row["sla"]) for row in rows] == [(0, False), (0, True), (1, False), (1, True)] * 2
+    assert all(row["sdpa_backend"] == "math" for row in rows)
+    assert all(row["decode_tokens_per_s"] is None and row["ratio_decode_tokens_per_s"] is None for row in rows)
+
+
+def test_real_data_folder(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    np.arange(5000, dtype=np.uint16).__mod__(257).astype(np.uint16).tofile(data / "train.bin")
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16"}))
+    (row,) = bench.main(BenchConfig(shapes=("tiny:16:2",), sla_skips=(), data=str(data), **{**FAST, "vocab_size": 320}))
+    assert row["data"] == str(data) and row["ms_per_step"] > 0 and math.isfinite(row["loss"])
+
+
+def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
+    measure = bench.measure
+
+    def measure_sla_out_of_memory(config, shape, sla_skip, device, dtype):
+        if sla_skip == 9:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return measure(config, shape, sla_skip, device, dtype)
+
+    monkeypatch.setattr(bench, "measure", measure_sla_out_of_memory)
+    plain, oom, sla = bench.main(BenchConfig(shapes=("tiny:16:1",), **FAST))
+    assert plain["error"] is None and sla["error"] is None and sla["ratio_step_time"] > 0
+    assert oom["error"].startswith("out of memory: CUDA out of memory")
+    assert oom["ms_per_step"] is None and oom["ratio_step_time"] is None and oom["sla_skip"] == 9
+
+    monkeypatch.setattr(bench, "measure", lambda *args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # anything but running out of memory is not swallowed
+        bench.main(BenchConfig(shapes=("tiny:16:1",), **FAST))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shapes=huge:1024:1"], "'huge:1024:1' is not model:block_size:batch_size"),
+        (["--shapes=small:1024"], "'small:1024' is not model:block_size:batch_size"),
+        (["--shapes=tiny:64:2", "--sla_skips=12"], "sla_skips: 12 must be in [1, 12)"),
+        (["--sla_head_ratio=0.01"], "sla_head_ratio: 0.01 of small's 12 heads is 0 heads"),
+        (["--sdpa_backend=fast"], "sdpa_backend must be auto or one of"),
+        (["--data=/no/such/data"], "data: /no/such/data/train.bin not found"),
+        (["--timed_steps=0"], "timed_steps"),
+    ],
+)
+def test_bad_settings_are_config_errors(argv, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(BenchConfig, argv)
+    assert message in str(error.value)
+
+
+def test_command_line(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    args = ["--shapes=tiny:16:1", "--sla_skips=1", "--warmup_steps=0", "--timed_steps=1", "--vocab_size=256"]
+    result = subprocess.run(
+        [sys.executable, "bench.py", *args, "--decode_tokens=4", "--device=cpu", f"--out={out}"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert [row["sla"] for row in read_rows(out)] == [False, True]
+    assert "ratio_step_time" in result.stdout

@@ -1,0 +1,232 @@
+"""train.py on CPU with tiny models on byte-level OpenWebText-sample data: learning, DDP equivalence, exact
+resume, SIGTERM, divergence, data errors, eval-only runs and wandb."""
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train import TrainConfig, TrainError, load_checkpoint, main
+
+REPO = Path(__file__).resolve().parent.parent
+# one thread per process: the DDP test runs two on a 2-core machine
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def write_byte_data(out_dir: Path, documents: list[str]) -> Path:
+    """train.bin/val.bin/meta.json as prepare_openwebtext.py --tokenizer byte writes them (UTF-8 bytes, eot 256)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_val = max(1, len(documents) // 25)
+    splits = {"train": documents[:-n_val], "val": documents[-n_val:]}
+    meta = {"tokenizer": "byte", "vocab_size": 257, "eot_token": 256, "dtype": "uint16", "splits": {}}
+    for split, docs in splits.items():
+        tokens = np.array([t for doc in docs for t in [*doc.encode("utf-8"), 256]], dtype=np.uint16)
+        tokens.tofile(out_dir / f"{split}.bin")
+        meta["splits"][split] = {"documents": len(docs), "tokens": len(tokens)}
+    (out_dir / "meta.json").write_text(json.dumps(meta))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory, owt_jsonl) -> Path:
+    documents = [json.loads(line)["text"] for line in owt_jsonl.read_text().splitlines()]
+    return write_byte_data(tmp_path_factory.mktemp("byte-owt"), documents)
+
+
+def tiny(data_dir, out_dir, **overrides) -> dict:
+    """Settings of a tiny model that trains in seconds; as a dict, for TrainConfig(**...) or the command line."""
+    settings = dict(
+        data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", dtype="float32",
+        n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, gradient_accumulation_steps=2,
+        max_iters=8, eval_interval=4, eval_iters=2, log_interval=1,
+        learning_rate=3e-3, warmup_iters=2, lr_decay_iters=100, min_lr=3e-4,
+    )  # fmt: skip
+    return {**settings, **overrides}
+
+
+def cli(settings: dict) -> list[str]:
+    return [f"--{key}={value}" for key, value in settings.items()]
+
+
+def read_log(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir) -> dict[int, float]:
+    return {line["iter"]: line["train/loss"] for line in read_log(out_dir) if "train/loss" in line}
+
+
+def val_losses(out_dir, key="val/loss@64") -> dict[int, float]:
+    return {line["iter"]: line[key] for line in read_log(out_dir) if key in line}
+
+
+def assert_losses_match(got: dict, expected: dict, tol: float):
+    assert got.keys() == expected.keys()
+    for it in expected:
+        assert got[it] == pytest.approx(expected[it], abs=tol), f"iter {it}"
+
+
+def test_tiny_model_learns(byte_data, tmp_path):
+    settings = tiny(byte_data, tmp_path, n_embd=64, max_iters=60, eval_interval=30, eval_iters=8, learning_rate=1e-2)
+    summary = main(TrainConfig(**settings))
+    val = val_losses(tmp_path)
+    assert sorted(val) == [0, 30, 60]
+    assert val[0] > 5.0  # about ln(257) = 5.55 at initialisation
+    assert val[60] < val[0] - 1.0
+    assert summary["val_losses"] == {64: val[60]}
+    assert summary["iter_num"] == 60 and summary["tokens_seen"] == 60 * 2 * 4 * 64
+
+    log = read_log(tmp_path)
+    assert all("iter" in line for line in log)
+    assert all(log[0]["config"][key] == value for key, value in settings.items())
+    assert log[0]["model_args"]["n_embd"] == 64 and log[0]["world_size"] == 1
+    train_line = next(line for line in log if "train/loss" in line)
+    assert {"lr", "ms_per_step", "tokens_per_s", "mfu"} <= train_line.keys()
+
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    contract_keys = {"model", "optimizer", "model_args", "config", "iter_num", "tokens_seen", "best_val_loss", "meta"}
+    assert contract_keys | {"rng"} <= checkpoint.keys()
+    assert not any(key.startswith("_orig_mod.") for key in checkpoint["model"])
+    assert checkpoint["iter_num"] == 60 and checkpoint["meta"]["tokenizer"] == "byte"
+    assert checkpoint["model_args"]["vocab_size"] == 320  # 257 rounded up to a multiple of 64
+
+
+def test_ddp_two_processes_match_one_with_same_global_batch(byte_data, tmp_path):
+    settings = tiny(byte_data, tmp_path / "one", max_iters=6, eval_interval=3)
+    main(TrainConfig(**settings))
+    settings["out_dir"] = str(tmp_path / "two")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*torchrun, "train.py", *cli(settings)], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 on each of 2 processes" in result.stdout
+    assert_losses_match(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"), tol=1e-5)
+    assert_losses_match(val_losses(tmp_path / "two"), val_losses(tmp_path / "one"), tol=1e-5)
+
+
+def test_resume_continues_exactly(byte_data, tmp_path):
+    # dropout makes the torch RNG state matter; lr_decay_iters, not max_iters, sets the schedule
+    reference = tiny(byte_data, tmp_path / "reference", dropout=0.1, max_iters=8)
+    main(TrainConfig(**reference))
+    interrupted = {**reference, "out_dir": str(tmp_path / "resumed"), "max_iters": 4}
+    main(TrainConfig(**interrupted))
+    main(TrainConfig(**{**interrupted, "max_iters": 8, "init_from": "resume"}))
+    assert_losses_match(train_losses(tmp_path / "resumed"), train_losses(tmp_path / "reference"), tol=1e-6)
+    assert_losses_match(val_losses(tmp_path / "resumed"), val_losses(tmp_path / "reference"), tol=1e-6)
+
+
+def test_sigterm_saves_and_resumes_to_the_same_losses(byte_data, tmp_path):
+    settings = tiny(byte_data, tmp_path / "stopped", dropout=0.1, max_iters=100_000, eval_interval=100_000)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *cli(settings)], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True
+    )
+    for line in process.stdout:
+        if line.startswith("iter 1:"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=60) == 0
+    stopped_at = load_checkpoint(str(tmp_path / "stopped"))["iter_num"]
+    assert 1 <= stopped_at < 100 and f"stopped at iter {stopped_at}" in output
+
+    main(TrainConfig(**{**settings, "init_from": "resume", "max_iters": stopped_at + 3}))
+    main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "reference"), "max_iters": stopped_at + 3}))
+    assert_losses_match(train_losses(tmp_path / "stopped"), train_losses(tmp_path / "reference"), tol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(byte_data, tmp_path):
+    settings = tiny(byte_data, tmp_path, max_iters=4, eval_interval=2)
+    main(TrainConfig(**settings))
+    checkpoint_bytes = hashlib.sha256((tmp_path / "ckpt.pt").read_bytes()).hexdigest()
+    # a huge constant learning rate blows the weights up after one step: the next loss is nan
+    diverging = {**settings, "init_from": "resume", "max_iters": 8, "learning_rate": 1e30, "decay_lr": False}
+    with pytest.raises(TrainError, match=r"loss is nan at iter 6.*left as it was"):
+        main(TrainConfig(**diverging))
+    assert hashlib.sha256((tmp_path / "ckpt.pt").read_bytes()).hexdigest() == checkpoint_bytes
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_eval_only_on_another_data_dir(byte_data, tmp_path, owt_jsonl):
+    settings = tiny(byte_data, tmp_path / "run", max_iters=2, eval_interval=2)
+    main(TrainConfig(**settings))
+    documents = [json.loads(line)["text"] for line in owt_jsonl.read_text().splitlines()[:50]]
+    other_data = write_byte_data(tmp_path / "other", documents)
+    eval_only = {**settings, "init_from": "resume", "eval_only": True, "eval_data_dir": str(other_data)}
+    first = main(TrainConfig(**eval_only, eval_tag="other", eval_block_sizes=(32, 64)))
+    second = main(TrainConfig(**eval_only, eval_tag="other", eval_block_sizes=(32, 64)))
+    assert first["val_losses"] == second["val_losses"]  # the same fixed windows every time
+    assert first["val_losses"].keys() == {32, 64}
+    last = read_log(tmp_path / "run")[-1]
+    assert last["iter"] == 2 and {"other/loss@32", "other/loss@64"} <= last.keys()
+    assert sorted(val_losses(tmp_path / "run")) == [0, 2]  # the training log is kept
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"data_dir": "/nonexistent/data"}, r"meta.json not found.*prepare_openwebtext.py"),
+        ({"vocab_size": 128}, r"vocab_size 257, more than the model's 128"),
+        ({"block_size": 4_000_000}, r"train.bin holds \d+ tokens.*smaller --block_size"),
+        ({"sla": True, "sla_skip": 2}, r"no head would skip.*sla_skip = 2 must be < n_layer = 2"),
+        ({"sla": True, "sla_head_ratio": 0.2}, r"no head would skip: .* = 0 skip heads"),
+        ({"sla_skip": 0}, r"sla_skip must be >= 1"),
+        ({"eval_block_sizes": (32, 128)}, r"beyond the model's block_size 64.*--eval_block_sizes"),
+        ({"init_from": "resume"}, r"no checkpoint at"),
+    ],
+)
+def test_errors_say_what_to_do(byte_data, tmp_path, overrides, message):
+    with pytest.raises(TrainError, match=message):
+        main(TrainConfig(**{**tiny(byte_data, tmp_path), **overrides}))
+
+
+def test_resume_with_other_architecture_is_an_error(byte_data, tmp_path):
+    main(TrainConfig(**tiny(byte_data, tmp_path, max_iters=1)))
+    with pytest.raises(TrainError, match=r"--n_layer=3 differs from the checkpoint's n_layer=2"):
+        main(TrainConfig(**tiny(byte_data, tmp_path, init_from="resume", n_layer=3)))
+
+
+def test_init_from_a_hugging_face_gpt2_folder_with_sla(byte_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=128, vocab_size=257)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path / "hf")
+    settings = tiny(byte_data, tmp_path / "out", init_from=str(tmp_path / "hf"), sla=True, sla_skip=1, max_iters=2)
+    summary = main(TrainConfig(**settings))
+    model_args = load_checkpoint(str(tmp_path / "out"))["model_args"]
+    assert model_args["block_size"] == 64 and model_args["n_head"] == 4 and model_args["sla"]  # cropped to 64
+    assert summary["iter_num"] == 2 and math.isfinite(summary["val_losses"][64])
+    with pytest.raises(TrainError, match=r"has 128 positions; set --block_size to at most that"):
+        main(TrainConfig(**{**settings, "block_size": 256}))
+
+
+def test_val_shorter_than_eval_window_is_an_error(byte_data, tmp_path):
+    data = write_byte_data(tmp_path / "short", ["a" * 1000] * 24 + ["b" * 10])  # val: 11 tokens
+    with pytest.raises(TrainError, match=r"val.bin holds 11 tokens"):
+        main(TrainConfig(**tiny(data, tmp_path / "out")))
+
+
+def test_wandb_missing_is_a_clear_error(byte_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with pytest.raises(TrainError, match="wandb_log=True needs wandb"):
+        main(TrainConfig(**tiny(byte_data, tmp_path, wandb_log=True)))
+
+
+def test_wandb_offline_run_logs_the_same_metrics(byte_data, tmp_path):
+    settings = tiny(byte_data, tmp_path / "out", max_iters=2, eval_interval=2, wandb_log=True)
+    env = {**SUBPROCESS_ENV, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    result = subprocess.run(
+        [sys.executable, "train.py", *cli(settings)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    records = run_file.read_bytes()  # protobuf records: the logged keys appear as plain strings
+    for key in ("train/loss", "val/loss@64", "tokens_per_s", "learning_rate"):
+        assert key.encode() in records, key
