@@ -70,33 +70,43 @@ def markdown_table(pairs) -> str:
 
 
 def plot(pairs, png: str):
+    """Per training context: both curves (top; the first evaluation, at ~10.8 nats, is left out so the
+    differences show) and SLA − plain at each evaluation (bottom; below zero means SLA is better)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
     contexts = sorted({(p or s)["config"]["block_size"] for p, s in pairs})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
-    for ax, context in zip(axes[0], contexts, strict=True):
-        metric = f"val/loss@{context}"
+    fig, axes = plt.subplots(2, len(contexts), figsize=(5 * len(contexts), 7), squeeze=False, sharex="col")
+    for column, context in enumerate(contexts):
+        metric, curves, deltas = f"val/loss@{context}", axes[0][column], axes[1][column]
         for plain, sla in pairs:
-            config = (plain or sla)["config"]
-            if config["block_size"] != context:
+            seed = (plain or sla)["config"].get("seed", "")
+            if (plain or sla)["config"]["block_size"] != context:
                 continue
+            points = {}
             for run, style, label in ((plain, "-", "plain"), (sla, "--", "SLA")):
-                if run is None:
-                    continue
-                tokens = [r["tokens"] / 1e6 for r in run["evals"] if metric in r]
-                losses = [r[metric] for r in run["evals"] if metric in r]
-                ax.plot(tokens, losses, style, marker=".", label=f"{label}, seed {config.get('seed', '')}")
-        ax.set_title(f"trained and evaluated at {context} tokens")
-        ax.set_xlabel("training tokens (M)")
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+                if run is not None:
+                    points[label] = {r["tokens"] / 1e6: r[metric] for r in run["evals"] if metric in r and r["iter"]}
+                    curves.plot(
+                        *zip(*points[label].items(), strict=True), style, marker=".", label=f"{label}, seed {seed}"
+                    )
+            if len(points) == 2:
+                shared = sorted(points["plain"].keys() & points["SLA"].keys())
+                deltas.plot(shared, [points["SLA"][t] - points["plain"][t] for t in shared], marker="o",
+                            label=f"seed {seed}")  # fmt: skip
+        curves.set_title(f"trained and evaluated at {context} tokens")
+        curves.set_ylabel("validation loss (nats/token)")
+        deltas.axhline(0, color="gray", linewidth=0.8)
+        deltas.set_ylabel("SLA − plain (nats/token)")
+        deltas.set_xlabel("training tokens (M)")
+        for ax in (curves, deltas):
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=110)
     print(f"wrote {png}")
 
 
