@@ -21,6 +21,7 @@ def read_run(path: str) -> dict:
     if not log.is_file():
         raise SystemExit(f"error: no training log at {log}: pass a train.py out_dir or its log.jsonl")
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    # one config record per invocation: the first is the training run's, later ones resumes or eval-only passes
     configs = [r["config"] for r in records if "config" in r]
     if not configs:
         raise SystemExit(f"error: {log} has no config record; was it written by train.py?")
@@ -29,7 +30,7 @@ def read_run(path: str) -> dict:
     final = {}
     for record in records:
         final.update({k: v for k, v in record.items() if "/loss@" in k and not k.startswith("train/")})
-    return {"name": log.parent.name if log.name == "log.jsonl" else log.stem, "config": configs[-1], "evals": evals,
+    return {"name": log.parent.name if log.name == "log.jsonl" else log.stem, "config": configs[0], "evals": evals,
             "final": final}  # fmt: skip
 
 

@@ -14,21 +14,15 @@ block_size = 8192
 # 524,288 tokens per optimizer step = batch_size 4 x block_size 8192 x gradient_accumulation_steps 16.
 # gradient_accumulation_steps is global: 16 micro-steps on 1 GPU, 2 on each of 8.
 # A micro-batch of 4 x 8192 = 32768 tokens fits an 80 GB H100: 3-step runs of every config here with
-# --sla peaked at 39 GiB allocated on one (uncompiled, evaluation included).
+# --sla fit on one (uncompiled, evaluation included).
 batch_size = 4
 gradient_accumulation_steps = 16
 
-# nanoGPT's schedule with the GPT-3 paper's peak learning rate for 350M (3e-4);
+# Optimizer and schedule: TrainConfig's defaults (nanoGPT's: 2,000 warmup steps, cosine over 600,000, weight decay
+# 0.1, betas 0.9/0.95, clipping at 1.0) with the GPT-3 paper's peak learning rate for 350M;
 # the SLA paper gives no schedule that we could find.
 learning_rate = 3e-4
 min_lr = 3e-5
-warmup_iters = 2000
-lr_decay_iters = 600000
-max_iters = 600000
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
 
 # Validation at 4K, 8K and 16K (those <= block_size): eval_iters x 32768 tokens = 2.1M tokens per length, the
 # same windows (512 at 4K, 256 at 8K, 128 at 16K) in every config here, so runs compare across sizes and contexts.

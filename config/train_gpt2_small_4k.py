@@ -14,21 +14,13 @@ block_size = 4096
 # 524,288 tokens per optimizer step = batch_size 16 x block_size 4096 x gradient_accumulation_steps 8.
 # gradient_accumulation_steps is global: 8 micro-steps on 1 GPU, 1 on each of 8.
 # A micro-batch of 16 x 4096 = 65536 tokens fits an 80 GB H100: 3-step runs of every config here with
-# --sla peaked at 39 GiB allocated on one (uncompiled, evaluation included).
+# --sla fit on one (uncompiled, evaluation included).
 batch_size = 16
 gradient_accumulation_steps = 8
 
-# nanoGPT's GPT-2 small schedule (config/train_gpt2.py there);
+# Optimizer and schedule: TrainConfig's defaults, which are nanoGPT's for GPT-2 small (AdamW 6e-4 decaying to 6e-5,
+# 2,000 warmup steps, cosine over 600,000, weight decay 0.1, betas 0.9/0.95, clipping at 1.0);
 # the SLA paper gives no schedule that we could find.
-learning_rate = 6e-4
-min_lr = 6e-5
-warmup_iters = 2000
-lr_decay_iters = 600000
-max_iters = 600000
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
 
 # Validation at 4K, 8K and 16K (those <= block_size): eval_iters x 65536 tokens = 2.1M tokens per length, the
 # same windows (512 at 4K, 256 at 8K, 128 at 16K) in every config here, so runs compare across sizes and contexts.

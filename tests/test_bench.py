@@ -19,15 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 FAST = dict(device="cpu", warmup_steps=1, timed_steps=2, vocab_size=256, decode_tokens=8, decode_prompt_tokens=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on 2 cores, a second thread's synchronisation costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -20,15 +20,6 @@ REPO = Path(__file__).resolve().parent.parent
 BYTE_META = {"tokenizer": "byte", "vocab_size": 257, "eot_token": 256, "dtype": "uint16"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on 2 cores, a second thread's synchronisation costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_checkpoint(out_dir: Path, meta=BYTE_META, key_prefix="", **model_args) -> Path:
     """A checkpoint in train.py's format (CONTRACT.md) of an untrained tiny model; vocab padded as train.py pads."""
     args = dict(block_size=32, vocab_size=320, n_layer=3, n_head=4, n_embd=32, sla=True, sla_skip=1)

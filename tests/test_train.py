@@ -10,35 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_byte_data
 
 from train import TrainConfig, TrainError, load_checkpoint, main
 
 REPO = Path(__file__).resolve().parent.parent
 # one thread per process: the DDP test runs two on a 2-core machine
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def write_byte_data(out_dir: Path, documents: list[str]) -> Path:
-    """train.bin/val.bin/meta.json as prepare_openwebtext.py --tokenizer byte writes them (UTF-8 bytes, eot 256)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n_val = max(1, len(documents) // 25)
-    splits = {"train": documents[:-n_val], "val": documents[-n_val:]}
-    meta = {"tokenizer": "byte", "vocab_size": 257, "eot_token": 256, "dtype": "uint16", "splits": {}}
-    for split, docs in splits.items():
-        tokens = np.array([t for doc in docs for t in [*doc.encode("utf-8"), 256]], dtype=np.uint16)
-        tokens.tofile(out_dir / f"{split}.bin")
-        meta["splits"][split] = {"documents": len(docs), "tokens": len(tokens)}
-    (out_dir / "meta.json").write_text(json.dumps(meta))
-    return out_dir
-
-
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory, owt_jsonl) -> Path:
-    documents = [json.loads(line)["text"] for line in owt_jsonl.read_text().splitlines()]
-    return write_byte_data(tmp_path_factory.mktemp("byte-owt"), documents)
 
 
 def tiny(data_dir, out_dir, **overrides) -> dict:
