@@ -32,7 +32,7 @@ demo: setup
 	$(BIN)/python train.py config/tiny_cpu.py --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT)/plain
 	$(BIN)/python train.py config/tiny_cpu.py --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT)/sla --sla
 	$(BIN)/python plot_results.py $(DEMO_OUT)/plain $(DEMO_OUT)/sla --png $(DEMO_OUT)/val_loss.png
-	$(BIN)/python sample.py --out_dir=$(DEMO_OUT)/sla --start='def ' --num_samples=2 --max_new_tokens=300
+	$(BIN)/python sample.py --out_dir=$(DEMO_OUT)/sla --start='def ' --num_samples=2 --max_new_tokens=300 --temperature=0.7
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_OUT)

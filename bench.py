@@ -7,13 +7,13 @@ Training-step time, peak memory and decode speed of plain GPT-2 and its SLA vari
 A shape is model:block_size:batch_size with model one of MODELS. For each shape the plain model is measured
 first, then one SLA model per --sla_skips entry, and each SLA row carries its ratios to that plain row
 (--repeat=2 alternates the whole round twice, to show the noise). Every step is train.py's: autocast, the
-memory-lean loss (return_logits=False), backward, gradient clipping at 1.0, AdamW (fused on CUDA) and
-zero_grad(set_to_none=True), with the next batch drawn between forward and backward. Each step is timed
-between two device synchronisations; the median (and mean) of --timed_steps steps after --warmup_steps is
-reported. Decode speed is model.generate with the KV cache (eager), batch 1, after a prompt of
---decode_prompt_tokens tokens, prefill included. Each row is printed as it comes and appended to --out as a
-JSON line, so several runs can fill one file; a table ends the run. A model that runs out of memory gets a row
-with "error" and the run goes on.
+memory-lean loss (return_logits=False; --loss_impl=full: the whole logits and one cross-entropy, as nanoGPT),
+backward, gradient clipping at 1.0, AdamW (fused on CUDA) and zero_grad(set_to_none=True), with the next batch
+drawn between forward and backward. Each step is timed between two device synchronisations; the median (and
+mean) of --timed_steps steps after --warmup_steps is reported. Decode speed is model.generate with the KV cache
+(eager), batch 1, after a prompt of --decode_prompt_tokens tokens, prefill included. Each row is printed as it
+comes and appended to --out as a JSON line, so several runs can fill one file; a table ends the run. A model
+that runs out of memory gets a row with "error" and the run goes on.
 """
 
 import gc
@@ -53,7 +53,7 @@ SDPA_BACKENDS = {
 ROW_FIELDS = (
     # what was measured
     "gpu", "torch", "shape", "model", "block_size", "batch_size", "sla", "sla_skip", "sla_head_ratio",
-    "n_skip_heads", "compile", "dtype", "sdpa_backend", "data", "vocab_size", "bias", "warmup_steps",
+    "n_skip_heads", "compile", "dtype", "sdpa_backend", "loss_impl", "data", "vocab_size", "bias", "warmup_steps",
     "timed_steps", "repeat", "n_params",
     # training steps
     "ms_per_step", "ms_per_step_mean", "ms_per_step_min", "ms_per_step_max", "first_step_s", "tokens_per_s",
@@ -96,6 +96,8 @@ class BenchConfig:
     device: str = "auto"  # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:N'
     dtype: str = "auto"  # 'auto' (bfloat16 on CUDA, float16 if unsupported; float32 on CPU) | 'bfloat16' | ...
     sdpa_backend: str = "auto"  # 'auto' (PyTorch picks) | 'flash' | 'cudnn' | 'efficient' | 'math'
+    # 'chunked': train.py's memory-lean loss; 'full': the whole logits tensor and one cross-entropy, as nanoGPT
+    loss_impl: str = "chunked"
     bias: bool = False  # as nanoGPT's benchmark measured GPT-2
     vocab_size: int = 50304
     decode_tokens: int = 256  # new tokens of the decode measurement (fewer if block_size is short); 0 skips it
@@ -120,6 +122,8 @@ class BenchConfig:
             raise ValueError("warmup_steps and decode_tokens must be >= 0, timed_steps and repeat >= 1")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.loss_impl not in ("chunked", "full"):
+            raise ValueError(f"loss_impl must be chunked or full, got {self.loss_impl!r}")
         if self.sdpa_backend not in ("auto", *SDPA_BACKENDS):
             raise ValueError(f"sdpa_backend must be auto or one of {sorted(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
         if self.data != "synthetic":
@@ -201,7 +205,7 @@ def measure(config: BenchConfig, shape: Shape, sla_skip: int | None, device: str
         synchronize()
         started = time.perf_counter()
         with autocast:
-            _, loss = train_model(x, y, return_logits=False)
+            _, loss = train_model(x, y, return_logits=config.loss_impl == "full")
         x, y = next_batch()  # as train.py: the next batch is fetched while the device works on this one
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -287,6 +291,7 @@ def main(config: BenchConfig) -> list[dict]:
             "compile": config.compile,
             "dtype": dtype,
             "sdpa_backend": config.sdpa_backend,
+            "loss_impl": config.loss_impl,
             "data": config.data,
             "vocab_size": config.vocab_size,
             "bias": config.bias,

@@ -128,3 +128,14 @@ def test_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [row["sla"] for row in read_rows(out)] == [False, True]
     assert "ratio_step_time" in result.stdout
+
+
+def test_full_logits_loss_trains_the_same_as_the_chunked_loss():
+    """--loss_impl=full (nanoGPT's loss) is a speed ablation: the same model and batch must reach the same loss."""
+    rows = {
+        impl: bench.main(BenchConfig(shapes=("tiny:32:2",), sla_skips=(1,), loss_impl=impl, **FAST))
+        for impl in ("chunked", "full")
+    }
+    for chunked, full in zip(rows["chunked"], rows["full"], strict=True):
+        assert (chunked["loss_impl"], full["loss_impl"]) == ("chunked", "full")
+        assert full["loss"] == pytest.approx(chunked["loss"], rel=1e-4)
