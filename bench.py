@@ -30,7 +30,7 @@ import torch
 import torch._dynamo
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from configurator import parse_cli
+from configurator import autocast_context, check_dtype, parse_cli, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
 
 # GPT-2's sizes, and a CPU-sized model with GPT-2's 12 layers, so that every skip distance up to 11 applies
@@ -120,8 +120,7 @@ class BenchConfig:
                 raise ValueError(f"sla_head_ratio: {self.sla_head_ratio} of {shape.model}'s {n_head} heads is 0 heads")
         if self.warmup_steps < 0 or self.timed_steps < 1 or self.repeat < 1 or self.decode_tokens < 0:
             raise ValueError("warmup_steps and decode_tokens must be >= 0, timed_steps and repeat >= 1")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        check_dtype(self.dtype)
         if self.loss_impl not in ("chunked", "full"):
             raise ValueError(f"loss_impl must be chunked or full, got {self.loss_impl!r}")
         if self.sdpa_backend not in ("auto", *SDPA_BACKENDS):
@@ -185,7 +184,7 @@ def measure(config: BenchConfig, shape: Shape, sla_skip: int | None, device: str
     """Build one model, run warm-up and timed training steps, then decode; the measured fields of its row."""
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
-    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    autocast = autocast_context(device, dtype)
 
     torch.manual_seed(config.seed)  # plain and SLA models start from the same weights
     sla = {"sla": True, "sla_skip": sla_skip, "sla_head_ratio": config.sla_head_ratio} if sla_skip else {}
@@ -258,10 +257,8 @@ def print_table(rows: list[dict]):
 
 def main(config: BenchConfig) -> list[dict]:
     """Measure every shape's plain and SLA models; print, append to config.out, and return the rows."""
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"  # an explicit index: set_device and the stats need one
     if device.startswith("cuda"):

@@ -14,6 +14,8 @@ import sys
 import types
 import typing
 
+import torch
+
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
@@ -140,3 +142,36 @@ def parse_cli(config_cls, argv: list[str] | None = None):
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# ---- the device and dtype settings that train.py, sample.py and bench.py share
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_dtype(dtype: str):
+    """For a config's __post_init__: the dtype key names one of DTYPES."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' is 'cuda' where a GPU is visible, else 'cpu'; any other value is used as given."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' is bfloat16 on CUDA (float16 where the GPU lacks it) and float32 on the CPU."""
+    if dtype != "auto":
+        return dtype
+    if not device.startswith("cuda"):
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def autocast_context(device: str, dtype: str) -> torch.autocast:
+    """Mixed precision in dtype on device's type; float32 runs without autocast."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from configurator import parse_cli
+from configurator import autocast_context, check_dtype, parse_cli, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
 from prepare_openwebtext import get_tokenizer
 
@@ -45,8 +45,7 @@ class SampleConfig:
             raise ValueError("num_samples must be >= 1 and max_new_tokens >= 0")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
 
 class SampleError(RuntimeError):
@@ -128,12 +127,9 @@ def read_prompt(start: str) -> str:
 
 def main(config: SampleConfig) -> list[str]:
     """Print config.num_samples samples (prompt included) and the decoding speed; return the samples."""
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "float32" if device_type == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    autocast = autocast_context(device, dtype)
 
     if config.init_from == "resume":
         model, tokenizer_name = load_checkpoint_model(config)

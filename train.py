@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import parse_cli
+from configurator import autocast_context, check_dtype, parse_cli, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
 
 
@@ -90,8 +90,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.log_interval < 1 or self.max_iters < 0:
             raise ValueError("log_interval must be >= 1 and max_iters >= 0")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
 
 class TrainError(RuntimeError):
@@ -266,7 +265,7 @@ def main(config: TrainConfig) -> dict:
     # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is one process
     ddp = "RANK" in os.environ
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     if device == "cuda" or (ddp and device.startswith("cuda")):
         device = f"cuda:{local_rank}"  # one GPU per process
     if device.startswith("cuda"):
@@ -305,11 +304,9 @@ def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested:
     master = rank == 0
     print0 = print if master else lambda *args, **kwargs: None
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "float32" if device_type == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    dtype = resolve_dtype(config.dtype, device)
     autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
-    autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    autocast = autocast_context(device, dtype)
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the few float32 matmuls left outside autocast
 
