@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from configurator import autocast_context, check_dtype, parse_cli, resolve_device, resolve_dtype
-from model import GPT, GPTConfig
+from model import GPT
 from prepare_openwebtext import get_tokenizer
+from train import TrainError, load_checkpoint, model_from_checkpoint
 
 
 @dataclass
@@ -67,12 +68,10 @@ def requested_sla(config: SampleConfig) -> dict:
 def load_checkpoint_model(config: SampleConfig) -> tuple[GPT, str]:
     """The model of out_dir/ckpt.pt and the name of the tokenizer its training data used."""
     path = Path(config.out_dir) / "ckpt.pt"
-    if not path.is_file():
-        raise SampleError(
-            f"no checkpoint at {path}: train one first (python train.py --out_dir={config.out_dir} ...), "
-            f"or pass --out_dir=<a run's folder with ckpt.pt>"
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = load_checkpoint(str(path))
+    except TrainError as err:
+        raise SampleError(str(err)) from None
     model_args = checkpoint["model_args"]
     for key, value in requested_sla(config).items():
         if value != model_args[key]:
@@ -80,13 +79,10 @@ def load_checkpoint_model(config: SampleConfig) -> tuple[GPT, str]:
                 f"--{key}={value} differs from the checkpoint's {key}={model_args[key]} ({path}): a checkpoint "
                 f"samples with the SLA settings it was trained with, so leave out --{key}"
             )
-    model = GPT(GPTConfig(**model_args))
-    # a state dict saved from a torch.compile'd model has its keys prefixed; train.py saves the bare model's
-    model.load_state_dict({key.removeprefix("_orig_mod."): value for key, value in checkpoint["model"].items()})
     tokenizer_name = checkpoint.get("meta", {}).get("tokenizer")
     if tokenizer_name is None:
         raise SampleError(f"{path} records no tokenizer (checkpoint['meta']['tokenizer']); was it made by train.py?")
-    return model, tokenizer_name
+    return model_from_checkpoint(checkpoint), tokenizer_name
 
 
 def load_pretrained_model(config: SampleConfig) -> GPT:

@@ -225,14 +225,18 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
-        raise TrainError(f"no checkpoint at {path}: train first, or point --out_dir at a run's folder")
+        raise TrainError(
+            f"no checkpoint at {path}: train one first (python train.py --out_dir={os.path.dirname(path)} ...), "
+            f"or pass --out_dir=<a run's folder with ckpt.pt>"
+        )
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
     """The GPT of a checkpoint, weights loaded; overrides change GPTConfig fields that keep the shapes (dropout)."""
     model = GPT(GPTConfig(**{**checkpoint["model_args"], **overrides}))
-    model.load_state_dict(checkpoint["model"])
+    # train.py saves the bare model; a torch.compile'd module's state dict has its keys prefixed
+    model.load_state_dict({key.removeprefix("_orig_mod."): value for key, value in checkpoint["model"].items()})
     return model
 
 
