@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import autocast_context, check_dtype, parse_cli, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
+from train import load_meta, open_tokens, windows_to_tensor
 
 # GPT-2's sizes, and a CPU-sized model with GPT-2's 12 layers, so that every skip distance up to 11 applies
 MODELS = {
@@ -143,15 +144,13 @@ def batch_source(config: BenchConfig, shape: Shape, device: str):
         windows = windows.to(device)
         return lambda: (windows[:, :-1], windows[:, 1:])
 
-    meta = json.loads((Path(config.data) / "meta.json").read_text())
-    tokens = np.memmap(Path(config.data) / "train.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-    if len(tokens) <= shape.block_size:
-        raise ValueError(f"{config.data}/train.bin holds {len(tokens)} tokens, too few for {shape.name}")
+    # train.py's readers: the same checks and messages, the same windows-to-tensor path
+    tokens = open_tokens(config.data, "train", load_meta(config.data, splits=("train",)), shape.block_size + 1)
     rng = np.random.default_rng(config.seed)
 
     def next_batch():
         starts = rng.integers(0, len(tokens) - shape.block_size, size=shape.batch_size)
-        windows = torch.from_numpy(np.stack([tokens[s : s + shape.block_size + 1] for s in starts]).astype(np.int64))
+        windows = windows_to_tensor(tokens, starts, shape.block_size + 1)
         if device.startswith("cuda"):
             windows = windows.pin_memory().to(device, non_blocking=True)
         return windows[:, :-1], windows[:, 1:]
