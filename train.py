@@ -221,7 +221,7 @@ def save_checkpoint(checkpoint: dict, path: str):
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """A checkpoint written by train.py (see CONTRACT.md for its keys), loaded safely."""
+    """A checkpoint written by train.py (keys: see save() in main), loaded with weights_only=True."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):

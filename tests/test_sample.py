@@ -21,7 +21,7 @@ BYTE_META = {"tokenizer": "byte", "vocab_size": 257, "eot_token": 256, "dtype": 
 
 
 def save_checkpoint(out_dir: Path, meta=BYTE_META, key_prefix="", **model_args) -> Path:
-    """A checkpoint in train.py's format (CONTRACT.md) of an untrained tiny model; vocab padded as train.py pads."""
+    """A checkpoint in train.py's format (its save()) of an untrained tiny model; vocab padded as train.py pads."""
     args = dict(block_size=32, vocab_size=320, n_layer=3, n_head=4, n_embd=32, sla=True, sla_skip=1)
     args.update(model_args)
     torch.manual_seed(0)
