@@ -145,17 +145,17 @@ def evaluate(
     block_sizes,
     eval_iters: int,
     batch_sizes: dict,
-    autocast_dtype: torch.dtype | None = None,
+    dtype: str = "float32",
 ) -> dict[int, float]:
     """
     Mean next-token loss over eval_iters * batch_sizes[T] fixed windows of each length T in block_sizes, as
     {T: loss}. Under torch.distributed the windows are split among the ranks and the sums all-reduced: every
-    rank must call it, and all get the same numbers. Pass the bare model, not a DDP wrapper; autocast_dtype
-    (e.g. torch.bfloat16) runs it under autocast.
+    rank must call it, and all get the same numbers. Pass the bare model, not a DDP wrapper; a dtype other than
+    float32 (e.g. "bfloat16") runs it under autocast.
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    autocast = autocast_context(str(device), dtype)
     was_training = model.training
     model.eval()
     losses = {}
@@ -309,7 +309,6 @@ def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested:
     print0 = print if master else lambda *args, **kwargs: None
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = resolve_dtype(config.dtype, device)
-    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
     autocast = autocast_context(device, dtype)
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the few float32 matmuls left outside autocast
@@ -439,7 +438,7 @@ def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested:
     )
 
     def run_evaluation() -> dict[int, float]:
-        losses = evaluate(raw_model, val_tokens, eval_block_sizes, config.eval_iters, eval_batch_sizes, autocast_dtype)
+        losses = evaluate(raw_model, val_tokens, eval_block_sizes, config.eval_iters, eval_batch_sizes, dtype)
         metrics = {f"{config.eval_tag}/loss@{T}": loss for T, loss in losses.items()}
         print0(f"iter {iter_num}: " + ", ".join(f"{key} {loss:.4f}" for key, loss in metrics.items()))
         log({"iter": iter_num, "tokens": tokens_seen, **metrics})
