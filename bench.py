@@ -150,9 +150,7 @@ def batch_source(config: BenchConfig, shape: Shape, device: str):
 
     def next_batch():
         starts = rng.integers(0, len(tokens) - shape.block_size, size=shape.batch_size)
-        windows = windows_to_tensor(tokens, starts, shape.block_size + 1)
-        if device.startswith("cuda"):
-            windows = windows.pin_memory().to(device, non_blocking=True)
+        windows = windows_to_tensor(tokens, starts, shape.block_size + 1, device)
         return windows[:, :-1], windows[:, 1:]
 
     return next_batch

@@ -124,9 +124,13 @@ def open_tokens(data_dir: str, split: str, meta: dict, min_tokens: int) -> np.me
     return tokens
 
 
-def windows_to_tensor(tokens: np.ndarray, starts, length: int) -> torch.Tensor:
-    """(len(starts), length) int64 tensor of tokens[s : s + length] for each start s."""
-    return torch.from_numpy(np.stack([tokens[s : s + length] for s in starts]).astype(np.int64))
+def windows_to_tensor(tokens: np.ndarray, starts, length: int, device) -> torch.Tensor:
+    """(len(starts), length) int64 tensor of tokens[s : s + length] for each start s, on device. To a GPU through
+    pinned memory without blocking, so the host can prepare the next batch while the device computes."""
+    windows = torch.from_numpy(np.stack([tokens[s : s + length] for s in starts]).astype(np.int64))
+    if str(device).startswith("cuda"):
+        return windows.pin_memory().to(device, non_blocking=True)
+    return windows
 
 
 def eval_window_starts(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:
@@ -164,7 +168,7 @@ def evaluate(
         starts = eval_window_starts(len(tokens), T, eval_iters * batch_size)[rank::world_size]
         loss_sum_and_count = torch.zeros(2, dtype=torch.float64, device=device)
         for first in range(0, len(starts), batch_size):
-            windows = windows_to_tensor(tokens, starts[first : first + batch_size], T + 1).to(device)
+            windows = windows_to_tensor(tokens, starts[first : first + batch_size], T + 1, device)
             with autocast:
                 _, loss_sum = model(windows[:, :-1], windows[:, 1:], reduction="sum")
             loss_sum_and_count[0] += loss_sum.double()
@@ -489,9 +493,7 @@ def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested:
         """
         generator = np.random.default_rng((config.seed, it, micro_step))
         starts = generator.integers(0, len(train_tokens) - config.block_size, size=config.batch_size)
-        windows = windows_to_tensor(train_tokens, starts, config.block_size + 1)
-        if device_type == "cuda":
-            windows = windows.pin_memory().to(device, non_blocking=True)
+        windows = windows_to_tensor(train_tokens, starts, config.block_size + 1, device)
         return windows[:, :-1], windows[:, 1:]
 
     def save(reason: str):
