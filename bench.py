@@ -104,6 +104,7 @@ class BenchConfig:
     decode_tokens: int = 256  # new tokens of the decode measurement (fewer if block_size is short); 0 skips it
     decode_prompt_tokens: int = 128
     seed: int = 0
+    profile_steps: int = 0  # > 0: after timing, profile this many more steps and print the busiest kernels
     out: str = ""  # JSON-lines file the rows are appended to; '' prints only
 
     def __post_init__(self):
@@ -119,8 +120,8 @@ class BenchConfig:
                     )
             if self.sla_skips and round(self.sla_head_ratio * n_head) == 0:
                 raise ValueError(f"sla_head_ratio: {self.sla_head_ratio} of {shape.model}'s {n_head} heads is 0 heads")
-        if self.warmup_steps < 0 or self.timed_steps < 1 or self.repeat < 1 or self.decode_tokens < 0:
-            raise ValueError("warmup_steps and decode_tokens must be >= 0, timed_steps and repeat >= 1")
+        if min(self.warmup_steps, self.decode_tokens, self.profile_steps) < 0 or min(self.timed_steps, self.repeat) < 1:
+            raise ValueError("warmup_steps, decode_tokens and profile_steps must be >= 0, timed_steps and repeat >= 1")
         check_dtype(self.dtype)
         if self.loss_impl not in ("chunked", "full"):
             raise ValueError(f"loss_impl must be chunked or full, got {self.loss_impl!r}")
@@ -195,20 +196,28 @@ def measure(config: BenchConfig, shape: Shape, sla_skip: int | None, device: str
     train_model = torch.compile(model) if config.compile else model
     next_batch = batch_source(config, shape, device)
 
-    step_seconds = []
-    x, y = next_batch()
-    for _ in range(config.warmup_steps + config.timed_steps):
-        synchronize()
-        started = time.perf_counter()
+    batch = next_batch()
+
+    def train_step():
+        nonlocal batch
         with autocast:
-            _, loss = train_model(x, y, return_logits=config.loss_impl == "full")
-        x, y = next_batch()  # as train.py: the next batch is fetched while the device works on this one
+            _, loss = train_model(*batch, return_logits=config.loss_impl == "full")
+        batch = next_batch()  # as train.py: the next batch is fetched while the device works on this one
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    step_seconds = []
+    for _ in range(config.warmup_steps + config.timed_steps):
+        synchronize()
+        started = time.perf_counter()
+        loss = train_step()
         synchronize()
         step_seconds.append(time.perf_counter() - started)
+    if config.profile_steps:
+        print_profile(train_step, config.profile_steps, device_type)
     timed_ms = [seconds * 1000 for seconds in step_seconds[config.warmup_steps :]]
     ms_per_step = statistics.median(timed_ms)
     tokens_per_s = shape.batch_size * shape.block_size / (ms_per_step / 1000)
@@ -227,6 +236,21 @@ def measure(config: BenchConfig, shape: Shape, sla_skip: int | None, device: str
     if config.decode_tokens > 0:
         row.update(measure_decode(model, config, device, autocast))
     return row
+
+
+def print_profile(train_step, steps: int, device_type: str):
+    """The kernels and operators that take the time of `steps` more training steps, busiest first."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device_type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            train_step()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    print(f"    profile of {steps} steps:")
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=90))
 
 
 def free_device_memory(device: str):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
 @dataclass
@@ -82,17 +83,31 @@ class CausalSelfAttention(nn.Module):
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=1), torch.cat([past_kv[1], v], dim=1)
         own_kv = (k, v)
-        if self.n_skip_heads > 0:
-            # one tensor per K and V so that all heads go through a single SDPA (flash) call
-            k = torch.cat([skip_kv[0][:, :, : self.n_skip_heads], k[:, :, self.n_skip_heads :]], dim=2)
-            v = torch.cat([skip_kv[1][:, :, : self.n_skip_heads], v[:, :, self.n_skip_heads :]], dim=2)
+        if self.n_skip_heads == 0:
+            y = self.attend(q, k, v)
+        elif torch.is_grad_enabled():
+            # The mixed K/V are new tensors that SDPA would keep for backward: 2*B*T*C values more per SLA layer
+            # than a plain layer holds. Keep only SDPA's outputs and rebuild the mix (a copy, no matmul) in backward.
+            y = checkpoint(self.attend_mixed, q, k, v, *skip_kv, use_reentrant=False, context_fn=_recompute_only_cat)
+        else:
+            y = self.attend_mixed(q, k, v, *skip_kv)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, C))), own_kv
 
+    def attend_mixed(self, q, k, v, skip_k, skip_v):
+        """Skip heads take layer l - sla_skip's K/V, the rest their own; one tensor each, so one SDPA call."""
+        k = torch.cat([skip_k[:, :, : self.n_skip_heads], k[:, :, self.n_skip_heads :]], dim=2)
+        v = torch.cat([skip_v[:, :, : self.n_skip_heads], v[:, :, self.n_skip_heads :]], dim=2)
+        return self.attend(q, k, v)
+
+    def attend(self, q, k, v):
+        """Causal attention of q (B, T, n_head, head_dim) over k, v (B, T_total, n_head, head_dim)."""
+        T, T_total = q.size(1), k.size(1)
         # With a cache, new queries sit at the end of the sequence; SDPA's is_causal aligns them to the start.
         # (A Python bool, not `past_len == 0`: under dynamic shapes that is symbolic and breaks the graph.)
-        past_len = k.size(1) - T
+        past_len = T_total - T
         is_causal, attn_mask = (True if past_len == 0 else False), None
         if past_len > 0 and T > 1:
-            attn_mask = torch.ones(T, k.size(1), dtype=torch.bool, device=x.device).tril(diagonal=past_len)
+            attn_mask = torch.ones(T, T_total, dtype=torch.bool, device=q.device).tril(diagonal=past_len)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -101,8 +116,18 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
         )
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y)), own_kv
+        return y.transpose(1, 2)
+
+
+def _recompute_only_cat(**_):
+    """Selective activation checkpointing for attend_mixed: recompute the head concatenation (and the views of
+    it, which would keep it alive), save everything else (the attention itself is never recomputed)."""
+
+    def policy(ctx, op, *args, **kwargs):
+        recompute = op is torch.ops.aten.cat.default or op.is_view
+        return CheckpointPolicy.PREFER_RECOMPUTE if recompute else CheckpointPolicy.MUST_SAVE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 class MLP(nn.Module):
@@ -323,19 +348,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # accumulated over chunks in float32
         for start in range(0, hidden.size(0), chunk_size):
             chunk = slice(start, start + chunk_size)
-            h, keep = hidden[chunk], valid[chunk].unsqueeze(1)
-            target = targets[chunk].clamp(min=0).unsqueeze(1)  # any index for ignored rows: they are masked
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            loss = loss + ((lse - logits.gather(1, target)) * keep).sum()
-            # d(mean CE)/d logits = (softmax - onehot) / n_valid on kept rows, 0 on ignored ones
-            grad_logits = torch.exp(logits - lse).scatter_add_(1, target, -torch.ones_like(lse))
-            grad_logits = grad_logits * (keep / n_valid)
-            grad_hidden[chunk] = grad_logits @ weight  # under autocast these two run in bf16, as lm_head would
+            h, scale = hidden[chunk], (valid[chunk] / n_valid).unsqueeze(1)  # ignored rows get weight 0
+            target = targets[chunk].clamp(min=0).unsqueeze(1)  # any index for ignored rows: their scale is 0
+            logits = h @ weight.t()  # bfloat16 under autocast, as lm_head's
+            lse = torch.logsumexp(logits.float(), dim=1, keepdim=True)
+            target_logit = logits.gather(1, target).float()
+            loss = loss + ((lse - target_logit) * scale).sum()
+            # d(mean CE)/d logits = (softmax - onehot) / n_valid, made in one pass in the logits' dtype; then the
+            # target entries are overwritten with softmax - 1 from float32 values (not 1 taken off a rounded one)
+            grad_logits = (torch.exp(logits.float() - lse) * scale).to(logits.dtype)
+            grad_logits.scatter_(1, target, ((torch.exp(target_logit - lse) - 1) * scale).to(logits.dtype))
+            grad_hidden[chunk] = grad_logits @ weight
             grad_weight += grad_logits.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return loss / n_valid
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
