@@ -31,7 +31,7 @@ import torch._dynamo
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import autocast_context, check_dtype, parse_cli, resolve_device, resolve_dtype
-from model import GPT, GPTConfig
+from model import GPT, CausalSelfAttention, GPTConfig
 from train import load_meta, open_tokens, windows_to_tensor
 
 # GPT-2's sizes, and a CPU-sized model with GPT-2's 12 layers, so that every skip distance up to 11 applies
@@ -54,8 +54,8 @@ SDPA_BACKENDS = {
 ROW_FIELDS = (
     # what was measured
     "gpu", "torch", "shape", "model", "block_size", "batch_size", "sla", "sla_skip", "sla_head_ratio",
-    "n_skip_heads", "compile", "dtype", "sdpa_backend", "loss_impl", "data", "vocab_size", "bias", "warmup_steps",
-    "timed_steps", "repeat", "n_params",
+    "n_skip_heads", "sla_recompute_kv", "compile", "dtype", "sdpa_backend", "loss_impl", "data", "vocab_size",
+    "bias", "warmup_steps", "timed_steps", "repeat", "n_params",
     # training steps
     "ms_per_step", "ms_per_step_mean", "ms_per_step_min", "ms_per_step_max", "first_step_s", "tokens_per_s",
     "mfu", "peak_mem_gib", "loss",
@@ -89,6 +89,7 @@ class BenchConfig:
     )  # fmt: skip
     sla_skips: tuple[int, ...] = (9, 1)  # one SLA model per skip distance; () measures the plain model alone
     sla_head_ratio: float = 0.75
+    sla_recompute_kv: bool = True  # False: SLA layers keep their mixed K/V for backward (more memory, less copying)
     compile: bool = False
     warmup_steps: int = 8
     timed_steps: int = 20
@@ -288,6 +289,7 @@ def main(config: BenchConfig) -> list[dict]:
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     print(f"{gpu}, torch {torch.__version__}, {dtype}, compile={config.compile}, sdpa_backend={config.sdpa_backend}")
 
+    CausalSelfAttention.recompute_mixed_kv = config.sla_recompute_kv
     shapes = [parse_shape(text) for text in config.shapes]
     runs = [(shape, r, skip) for shape in shapes for r in range(config.repeat) for skip in (None, *config.sla_skips)]
     rows: list[dict] = []
@@ -306,6 +308,7 @@ def main(config: BenchConfig) -> list[dict]:
             "sla_skip": sla_skip,
             "sla_head_ratio": config.sla_head_ratio if sla_skip else None,
             "n_skip_heads": n_skip_heads,
+            "sla_recompute_kv": config.sla_recompute_kv if sla_skip else None,
             "compile": config.compile,
             "dtype": dtype,
             "sdpa_backend": config.sdpa_backend,

@@ -61,6 +61,10 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    # SLA layers rebuild their mixed K/V in backward rather than keep them (see forward); False keeps them: faster
+    # by a copy per SLA layer, 2*B*T*C values more memory each. bench.py --sla_recompute_kv=False measures it.
+    recompute_mixed_kv = True
+
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.n_head = config.n_head
@@ -85,7 +89,7 @@ class CausalSelfAttention(nn.Module):
         own_kv = (k, v)
         if self.n_skip_heads == 0:
             y = self.attend(q, k, v)
-        elif torch.is_grad_enabled():
+        elif torch.is_grad_enabled() and self.recompute_mixed_kv:
             # The mixed K/V are new tensors that SDPA would keep for backward: 2*B*T*C values more per SLA layer
             # than a plain layer holds. Keep only SDPA's outputs and rebuild the mix (a copy, no matmul) in backward.
             y = checkpoint(self.attend_mixed, q, k, v, *skip_kv, use_reentrant=False, context_fn=_recompute_only_cat)

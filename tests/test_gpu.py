@@ -1,4 +1,5 @@
-"""GPU-only checks (skipped without CUDA): SLA through the flash kernel in bf16 agrees with the float32 math path."""
+"""GPU-only checks (skipped without CUDA): SLA through the flash kernel in bf16 agrees with the float32 math path,
+forward and backward."""
 
 import pytest
 import torch
@@ -29,6 +30,22 @@ def test_flash_bf16_matches_float32_math(sla_skip):
     relative_error = ((flash.float() - reference).norm() / reference.norm()).item()
     print(f"sla_skip={sla_skip}: flash bf16 vs float32 math, relative error {relative_error:.2e}")
     assert relative_error < 1e-2
+
+
+@pytest.mark.parametrize("sla_skip", [9, 1])
+def test_flash_bf16_gradients_match_float32_math(sla_skip):
+    """Training goes through the recomputed mixed K/V (selective checkpointing) and the flash backward."""
+    idx = torch.randint(0, 50257, (2, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    grads = []
+    for backend, dtype in ((SDPBackend.MATH, torch.float32), (SDPBackend.FLASH_ATTENTION, torch.bfloat16)):
+        model = small_sla_model(sla_skip=sla_skip).train()
+        with sdpa_kernel(backend), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(idx, idx, return_logits=False)
+            loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    relative_error = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    print(f"sla_skip={sla_skip}: flash bf16 vs float32 math gradients, relative error {relative_error:.2e}")
+    assert relative_error < 5e-2
 
 
 def test_chunked_loss_matches_full_logits_in_bf16():
