@@ -355,12 +355,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             h, scale = hidden[chunk], (valid[chunk] / n_valid).unsqueeze(1)  # ignored rows get weight 0
             target = targets[chunk].clamp(min=0).unsqueeze(1)  # any index for ignored rows: their scale is 0
             logits = h @ weight.t()  # bfloat16 under autocast, as lm_head's
-            lse = torch.logsumexp(logits.float(), dim=1, keepdim=True)
-            target_logit = logits.gather(1, target).float()
+            logits_fp32 = logits.float()
+            lse = torch.logsumexp(logits_fp32, dim=1, keepdim=True)
+            target_logit = logits_fp32.gather(1, target)
             loss = loss + ((lse - target_logit) * scale).sum()
             # d(mean CE)/d logits = (softmax - onehot) / n_valid, made in one pass in the logits' dtype; then the
             # target entries are overwritten with softmax - 1 from float32 values (not 1 taken off a rounded one)
-            grad_logits = (torch.exp(logits.float() - lse) * scale).to(logits.dtype)
+            grad_logits = (torch.exp(logits_fp32 - lse) * scale).to(logits.dtype)
             grad_logits.scatter_(1, target, ((torch.exp(target_logit - lse) - 1) * scale).to(logits.dtype))
             grad_hidden[chunk] = grad_logits @ weight
             grad_weight += grad_logits.t() @ h
