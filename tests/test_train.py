@@ -1,10 +1,11 @@
 """train.py on CPU with tiny models on byte-level OpenWebText-sample data: learning, DDP equivalence, exact
-resume, SIGTERM, divergence, data errors, eval-only runs and wandb."""
+resume (also from DDP to DDP and to one process), SIGTERM, divergence, data errors, eval-only runs and wandb."""
 
 import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,18 +80,36 @@ def test_tiny_model_learns(byte_data, tmp_path):
     assert checkpoint["model_args"]["vocab_size"] == 320  # 257 rounded up to a multiple of 64
 
 
-def test_ddp_two_processes_match_one_with_same_global_batch(byte_data, tmp_path):
-    settings = tiny(byte_data, tmp_path / "one", max_iters=6, eval_interval=3)
-    main(TrainConfig(**settings))
-    settings["out_dir"] = str(tmp_path / "two")
+def torchrun_train(settings: dict) -> str:
+    """train.py under a 2-process torchrun (gloo on CPU); its stdout."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run(
         [*torchrun, "train.py", *cli(settings)], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "1 on each of 2 processes" in result.stdout
+    return result.stdout
+
+
+def test_ddp_two_processes_match_one_with_same_global_batch(byte_data, tmp_path):
+    settings = tiny(byte_data, tmp_path / "one", max_iters=6, eval_interval=3)
+    main(TrainConfig(**settings))
+    assert "1 on each of 2 processes" in torchrun_train({**settings, "out_dir": str(tmp_path / "two")})
     assert_losses_match(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"), tol=1e-5)
     assert_losses_match(val_losses(tmp_path / "two"), val_losses(tmp_path / "one"), tol=1e-5)
+
+
+def test_ddp_checkpoint_resumes_under_ddp_and_in_one_process(byte_data, tmp_path):
+    reference = tiny(byte_data, tmp_path / "reference", max_iters=6, eval_interval=3)
+    main(TrainConfig(**reference))
+    interrupted = {**reference, "out_dir": str(tmp_path / "ddp"), "max_iters": 3}
+    torchrun_train(interrupted)
+    shutil.copytree(tmp_path / "ddp", tmp_path / "one")
+    resume = {**interrupted, "max_iters": 6, "init_from": "resume"}
+    torchrun_train(resume)
+    main(TrainConfig(**{**resume, "out_dir": str(tmp_path / "one")}))
+    for out_dir in ("ddp", "one"):
+        assert_losses_match(train_losses(tmp_path / out_dir), train_losses(tmp_path / "reference"), tol=1e-5)
+        assert_losses_match(val_losses(tmp_path / out_dir), val_losses(tmp_path / "reference"), tol=1e-5)
 
 
 def test_resume_continues_exactly(byte_data, tmp_path):
