@@ -481,11 +481,11 @@ def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested:
     checkpoint = None  # free the loaded tensors
     train_model = torch.compile(raw_model) if config.compile else raw_model
     if ddp:
-        # DDP keeps its process group alive until the interpreter exits (torch 2.13), and destroy_process_group
-        # does not stop gloo's worker threads. If the group that also ran our own collectives (loss, evaluation,
-        # RNG gather) were kept, a worker could still be freeing their Python-made tensors while Python shuts
-        # down, and the process would abort after a finished run. So on gloo DDP gets a group of its own, and
-        # the default group is torn down cleanly in main(). NCCL's shutdown stops its threads: one group does.
+        # DDP keeps its process group alive until the interpreter exits (torch 2.13), and on gloo that keeps the
+        # group's worker threads too; one still freeing the tensors of our own collectives (loss, evaluation, RNG
+        # gather) while Python shuts down aborts a finished run. So on gloo DDP gets a group of its own and the
+        # default group is torn down in main(). On NCCL, destroy_process_group shuts the communicators down
+        # itself, so one group serves (untested here: we had no multi-GPU machine).
         ddp_group = dist.new_group(backend="gloo") if device_type == "cpu" else None
         device_ids = [torch.cuda.current_device()] if device_type == "cuda" else None
         train_model = DDP(train_model, device_ids=device_ids, process_group=ddp_group)
