@@ -229,19 +229,27 @@ class GPT(nn.Module):
         """
         Without targets: logits of the last position, (B, 1, V), and None.
         With targets: logits (B, T, V) and the cross-entropy (targets of -1 ignored), its mean or, with
-        reduction="none", the per-token losses (B, T). With return_logits=False the mean loss is computed
-        without ever holding the (B*T, V) logits (what training uses), and None stands for the logits.
+        reduction="none", the per-token losses (B, T). With return_logits=False the loss is computed without
+        ever holding the (B*T, V) logits (training: the mean; evaluation: per token), and None stands for them.
         """
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         if not return_logits:
-            if reduction != "mean":
-                raise ValueError("return_logits=False computes the mean loss only; use reduction='mean'")
             flat_hidden, flat_targets = x.flatten(0, 1), targets.flatten()
-            return None, ChunkedLinearCrossEntropy.apply(
-                flat_hidden, self.lm_head.weight, flat_targets, self.loss_chunk
-            )
+            if reduction == "mean":
+                return None, ChunkedLinearCrossEntropy.apply(
+                    flat_hidden, self.lm_head.weight, flat_targets, self.loss_chunk
+                )
+            if reduction == "none":  # evaluation: per-token losses, one chunk of logits at a time
+                chunk_losses = [
+                    F.cross_entropy(self.lm_head(h).float(), t, ignore_index=-1, reduction="none")
+                    for h, t in zip(
+                        flat_hidden.split(self.loss_chunk), flat_targets.split(self.loss_chunk), strict=True
+                    )
+                ]
+                return None, torch.cat(chunk_losses).view_as(targets)
+            raise ValueError("return_logits=False computes reduction='mean' or 'none'")
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
         return logits, loss if reduction != "none" else loss.view_as(targets)

@@ -13,6 +13,7 @@ main() reads top to bottom as the training loop.
 """
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -42,6 +43,7 @@ class TrainConfig:
     # evaluation
     eval_interval: int = 1000
     eval_iters: int = 100  # batches per context length
+    final_eval_iters: int = 0  # batches per length at the end of training (and for eval_only); 0 = eval_iters
     eval_block_sizes: tuple[int, ...] = ()  # () = those of 4096, 8192, 16384 that fit block_size, else block_size
     eval_batch_size: int = 0  # 0 = batch_size * block_size // T: the training micro-batch's tokens at every T
     eval_only: bool = False  # evaluate once and exit
@@ -88,8 +90,8 @@ class TrainConfig:
         for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.log_interval < 1 or self.max_iters < 0:
-            raise ValueError("log_interval must be >= 1 and max_iters >= 0")
+        if self.log_interval < 1 or self.max_iters < 0 or self.final_eval_iters < 0:
+            raise ValueError("log_interval must be >= 1, and max_iters and final_eval_iters >= 0")
         check_dtype(self.dtype)
 
 
@@ -143,19 +145,19 @@ def eval_window_starts(n_tokens: int, block_size: int, n_windows: int) -> np.nda
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_by_position(
     model: GPT,
     tokens: np.ndarray,
     block_sizes,
     eval_iters: int,
     batch_sizes: dict,
     dtype: str = "float32",
-) -> dict[int, float]:
+) -> dict[int, np.ndarray]:
     """
-    Mean next-token loss over eval_iters * batch_sizes[T] fixed windows of each length T in block_sizes, as
-    {T: loss}. Under torch.distributed the windows are split among the ranks and the sums all-reduced: every
-    rank must call it, and all get the same numbers. Pass the bare model, not a DDP wrapper; a dtype other than
-    float32 (e.g. "bfloat16") runs it under autocast.
+    Mean next-token loss at each position of the window, over eval_iters * batch_sizes[T] fixed windows of
+    each length T in block_sizes, as {T: float64 array of length T}. Under torch.distributed the windows are
+    split among the ranks and the sums all-reduced: every rank must call it, and all get the same numbers.
+    Pass the bare model, not a DDP wrapper; a dtype other than float32 (e.g. "bfloat16") runs it under autocast.
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
@@ -165,19 +167,37 @@ def evaluate(
     losses = {}
     for T in block_sizes:
         batch_size = batch_sizes[T]
-        starts = eval_window_starts(len(tokens), T, eval_iters * batch_size)[rank::world_size]
-        loss_sum_and_count = torch.zeros(2, dtype=torch.float64, device=device)
-        for first in range(0, len(starts), batch_size):
-            windows = windows_to_tensor(tokens, starts[first : first + batch_size], T + 1, device)
+        starts = eval_window_starts(len(tokens), T, eval_iters * batch_size)
+        # per-position loss sums, then the number of windows: one all-reduce carries both
+        sums_and_count = torch.zeros(T + 1, dtype=torch.float64, device=device)
+        my_starts = starts[rank::world_size]
+        for first in range(0, len(my_starts), batch_size):
+            windows = windows_to_tensor(tokens, my_starts[first : first + batch_size], T + 1, device)
             with autocast:
-                _, loss_sum = model(windows[:, :-1], windows[:, 1:], reduction="sum")
-            loss_sum_and_count[0] += loss_sum.double()
-            loss_sum_and_count[1] += windows.size(0) * T
+                _, token_losses = model(windows[:, :-1], windows[:, 1:], reduction="none", return_logits=False)
+            sums_and_count[:T] += token_losses.double().sum(dim=0)
+            sums_and_count[T] += windows.size(0)
         if world_size > 1:
-            dist.all_reduce(loss_sum_and_count)
-        losses[T] = (loss_sum_and_count[0] / loss_sum_and_count[1]).item()
+            dist.all_reduce(sums_and_count)
+        losses[T] = (sums_and_count[:T] / sums_and_count[T]).cpu().numpy()
     model.train(was_training)
     return losses
+
+
+def evaluate(model: GPT, tokens: np.ndarray, block_sizes, eval_iters: int, batch_sizes: dict, dtype="float32"):
+    """Mean next-token loss over the fixed windows of each length T, as {T: loss}; see evaluate_by_position."""
+    by_position = evaluate_by_position(model, tokens, block_sizes, eval_iters, batch_sizes, dtype)
+    return {T: float(losses.mean()) for T, losses in by_position.items()}
+
+
+def position_buckets(T: int, block_sizes) -> list[tuple[int, int]]:
+    """
+    Position ranges [lo, hi) of a T-token window whose mean loss is logged apart: cut at 1024 and at every
+    shorter evaluated length (16384 with 4K/8K/16K evaluated: 0-1024, 1024-4096, 4096-8192, 8192-16384).
+    A gain from long-range context must show in the late buckets.
+    """
+    edges = [0, *sorted({edge for edge in (1024, *block_sizes) if 0 < edge < T}), T]
+    return list(itertools.pairwise(edges))
 
 
 def default_eval_block_sizes(block_size: int) -> tuple[int, ...]:
@@ -441,10 +461,16 @@ def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested:
         }
     )
 
-    def run_evaluation() -> dict[int, float]:
-        losses = evaluate(raw_model, val_tokens, eval_block_sizes, config.eval_iters, eval_batch_sizes, dtype)
+    def run_evaluation(eval_iters: int) -> dict[int, float]:
+        by_position = evaluate_by_position(raw_model, val_tokens, eval_block_sizes, eval_iters, eval_batch_sizes, dtype)
+        losses = {T: float(position_losses.mean()) for T, position_losses in by_position.items()}
         metrics = {f"{config.eval_tag}/loss@{T}": loss for T, loss in losses.items()}
         print0(f"iter {iter_num}: " + ", ".join(f"{key} {loss:.4f}" for key, loss in metrics.items()))
+        for T, position_losses in by_position.items():
+            buckets = position_buckets(T, eval_block_sizes)
+            if len(buckets) > 1:  # one bucket would repeat loss@T
+                for lo, hi in buckets:
+                    metrics[f"{config.eval_tag}/loss@{T}/pos{lo}-{hi}"] = float(position_losses[lo:hi].mean())
         log({"iter": iter_num, "tokens": tokens_seen, **metrics})
         return losses
 
@@ -462,7 +488,7 @@ def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested:
         }
 
     if config.eval_only:
-        return finish(val_losses=run_evaluation())
+        return finish(val_losses=run_evaluation(config.final_eval_iters or config.eval_iters))
 
     # ---- training state ----
     train_tokens = open_tokens(config.data_dir, "train", train_meta, min_tokens=config.block_size + 1)
@@ -529,7 +555,7 @@ def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested:
         f"{tokens_per_iter:,} tokens per optimizer step = {config.gradient_accumulation_steps} micro-steps "
         f"({local_micro_steps} on each of {world_size} processes) x {config.batch_size} x {config.block_size}"
     )
-    val_losses = run_evaluation() if iter_num == 0 else None
+    val_losses = run_evaluation(config.eval_iters) if iter_num == 0 else None
     train_loss = None
     first_micro_step = rank * local_micro_steps  # this rank's share of the global micro-steps
     x, y = get_batch(iter_num, first_micro_step)
@@ -599,7 +625,9 @@ def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested:
 
         finished = iter_num == config.max_iters
         if iter_num % config.eval_interval == 0 or finished:
-            val_losses = run_evaluation()
+            val_losses = run_evaluation(
+                config.final_eval_iters if finished and config.final_eval_iters else config.eval_iters
+            )
             val_loss = val_losses[max(eval_block_sizes)]  # the longest context is the one SLA is about
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)

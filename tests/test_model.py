@@ -251,6 +251,14 @@ def test_per_token_losses():
     assert torch.allclose(per_token, expected)
     _, mean = model(idx, idx)
     assert mean.item() == pytest.approx(per_token.mean().item(), rel=1e-6)
+    # the memory-lean path evaluation uses: the same per-token losses, a few rows of logits at a time
+    model.loss_chunk = 5  # 32 rows: chunks of 5, 5, ..., 2
+    targets = idx.clone()
+    targets[0, 3] = -1
+    _, chunked = model(idx, targets, reduction="none", return_logits=False)
+    full = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none").view(2, 16)
+    assert chunked.shape == (2, 16) and chunked[0, 3] == 0
+    assert torch.allclose(chunked, full, atol=1e-6)
 
 
 @pytest.mark.parametrize("sla, skip", [(False, 1), (True, 1), (True, 2)])

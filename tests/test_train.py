@@ -11,11 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_byte_data
 
-from train import TrainConfig, TrainError, load_checkpoint, main
+from train import (
+    TrainConfig,
+    TrainError,
+    eval_window_starts,
+    load_checkpoint,
+    main,
+    model_from_checkpoint,
+    open_tokens,
+    position_buckets,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # one thread per process: the DDP test runs two on a 2-core machine
@@ -167,6 +177,36 @@ def test_eval_only_on_another_data_dir(byte_data, tmp_path, owt_jsonl):
     last = read_log(tmp_path / "run")[-1]
     assert last["iter"] == 2 and {"other/loss@32", "other/loss@64"} <= last.keys()
     assert sorted(val_losses(tmp_path / "run")) == [0, 2]  # the training log is kept
+
+
+def test_evaluation_by_position(byte_data, tmp_path):
+    """Loss by position bucket: the right buckets, each the mean of an independent per-token computation over
+    the fixed windows; the final evaluation uses final_eval_iters batches."""
+    settings = tiny(byte_data, tmp_path, max_iters=2, eval_interval=2, eval_block_sizes=(16, 64), final_eval_iters=5)
+    main(TrainConfig(**settings))
+    assert position_buckets(16384, (4096, 8192, 16384)) == [(0, 1024), (1024, 4096), (4096, 8192), (8192, 16384)]
+    assert position_buckets(4096, (4096, 8192, 16384)) == [(0, 1024), (1024, 4096)]
+    assert position_buckets(64, (16, 64)) == [(0, 16), (16, 64)]
+
+    final = read_log(tmp_path)[-1]
+    assert final["iter"] == 2
+    bucket_keys = {key for key in final if "/pos" in key}
+    assert bucket_keys == {"val/loss@64/pos0-16", "val/loss@64/pos16-64"}  # one bucket at 16: not repeated
+    model = model_from_checkpoint(load_checkpoint(str(tmp_path)))
+    meta = json.loads((byte_data / "meta.json").read_text())
+    tokens = open_tokens(str(byte_data), "val", meta, min_tokens=65)
+    batch_size = 4  # the training micro-batch's 4 x 64 tokens per evaluation batch at length 64
+    starts = eval_window_starts(len(tokens), 64, 5 * batch_size)
+    windows = torch.from_numpy(np.stack([tokens[s : s + 65] for s in starts]).astype(np.int64))
+    with torch.no_grad():
+        logits, _ = model(windows[:, :-1], windows[:, 1:])
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
+    assert final["val/loss@64"] == pytest.approx(per_token.mean().item(), rel=1e-5)
+    assert final["val/loss@64/pos0-16"] == pytest.approx(per_token[:, :16].mean().item(), rel=1e-5)
+    assert final["val/loss@64/pos16-64"] == pytest.approx(per_token[:, 16:].mean().item(), rel=1e-5)
+    # the mid-run evaluation at iter 0 used eval_iters=2 batches: other windows, another loss
+    first_eval = next(line for line in read_log(tmp_path) if "val/loss@64" in line)
+    assert first_eval["iter"] == 0 and "val/loss@64/pos16-64" in first_eval
 
 
 @pytest.mark.parametrize(
