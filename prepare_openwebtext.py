@@ -158,6 +158,13 @@ def _find_bad_jsonl_line(files: list[str], field: str) -> str | None:
     return None
 
 
+def _no_records(files: list[str]) -> str | None:
+    """Names the .jsonl files that hold no record at all (empty or blank), when every one of them is so."""
+    if all(not line.strip() for path in files for line in open(path, encoding="utf-8", errors="replace")):
+        return f"{', '.join(files)}: no JSON lines (the file is empty): nothing to prepare"
+    return None
+
+
 def _only_text(ds, field: str, where: str):
     if field not in ds.column_names:
         raise PrepareError(f"{where}: no column {field!r} (has {ds.column_names}); see --text_field")
@@ -172,7 +179,8 @@ def _load_tables(kind: str, files: list[str], args) -> "datasets.Dataset":
         try:
             ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=args.cache_dir)
         except Exception as e:
-            raise PrepareError(_find_bad_jsonl_line(files, args.text_field) or f"could not read {files}: {e}") from e
+            reason = _find_bad_jsonl_line(files, args.text_field) or _no_records(files)
+            raise PrepareError(reason or f"could not read {files}: {type(e).__name__}: {e}") from e
         # pyarrow fills a field missing from some lines with nulls, and mixed types make a non-string column
         text = ds.features.get(args.text_field)
         if getattr(text, "dtype", None) not in ("string", "large_string") or ds.data[args.text_field].null_count:
@@ -295,12 +303,23 @@ def _cpu_name() -> str:
 
 
 def prepare(args, argv: list[str]) -> dict:
+    """Prepare as args say; an out_dir that this call created is removed again if it fails before writing."""
     out_dir = Path(args.out_dir)
-    _check_out_dir(out_dir, args.force)
     try:
-        tokenizer = get_tokenizer(args.tokenizer)  # fail now, not after loading 40 GB
+        tokenizer = get_tokenizer(args.tokenizer)  # fail now, before touching out_dir or loading 40 GB
     except (ValueError, RuntimeError) as e:
         raise PrepareError(str(e)) from e
+    created = not out_dir.exists()
+    _check_out_dir(out_dir, args.force)
+    try:
+        return _prepare(args, argv, out_dir, tokenizer)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+
+
+def _prepare(args, argv: list[str], out_dir: Path, tokenizer: Tokenizer) -> dict:
     t_start = time.perf_counter()
     ds, source = load_corpus(args)
     load_seconds = time.perf_counter() - t_start
@@ -394,7 +413,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    # A batch scheduler's SIGTERM (time limit, scancel) unwinds like Ctrl-C, so temporary files are removed.
+def exit_on_sigterm() -> None:
+    """
+    Make a batch scheduler's SIGTERM (time limit, scancel) unwind like Ctrl-C, so temporary files are removed;
+    in this process only. Forked pool workers (ours, and datasets' in Dataset.from_generator) must die at once
+    on the SIGTERM that Pool.terminate() sends, or the pool waits for them forever. A worker that inherits a
+    Python-level handler can lose that signal: one that arrives while the child is still forking is dropped
+    with the interpreter's pending signals after fork, and the worker then blocks on the task queue's lock,
+    which terminate() holds (the demo's prepare step hung so about one run in 20). So SIGTERM is blocked across
+    every fork, and the child restores the default action before unblocking it: a SIGTERM sent meanwhile stays
+    pending in the kernel and then ends the child.
+    """
+
+    def block():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def unblock():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+    def in_child():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        unblock()
+
+    os.register_at_fork(before=block, after_in_parent=unblock, after_in_child=in_child)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

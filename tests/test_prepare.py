@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import prepare_openwebtext as prep
 from prepare_openwebtext import get_tokenizer, main
 
 OUTPUTS = ("train.bin", "val.bin", "meta.json")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def run(tmp_path: Path, *args: str, out: str = "out") -> int:
@@ -189,6 +192,51 @@ def test_unknown_tokenizer(tmp_path, capsys):
     assert "invalid choice: 'bpe'" in capsys.readouterr().err
 
 
+def test_empty_jsonl_names_the_reason(tmp_path, capsys):
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n")):
+        empty = tmp_path / name
+        empty.write_text(text)
+        assert_fails(tmp_path, capsys, ["--files", str(empty), "--tokenizer", "byte"], f"{empty}: no JSON lines")
+        assert not (tmp_path / "out").exists(), "a failed run leaves no empty out_dir behind"
+
+
+def test_tokenizer_that_cannot_load_touches_no_out_dir(tmp_path, capsys, monkeypatch):
+    def offline(name):
+        raise RuntimeError("could not load tiktoken's gpt2 encoding (offline)")
+
+    monkeypatch.setattr(prep, "get_tokenizer", offline)
+    good = write_jsonl(tmp_path / "good.jsonl", ['{"text": "a"}', '{"text": "b"}'])
+    assert run(tmp_path, "--files", str(good)) == 1
+    assert "error: could not load tiktoken's gpt2 encoding" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_prepare_step_never_hangs(tmp_path):
+    """
+    The demo's prepare step as a user runs it: a subprocess (so prepare's own SIGTERM handler is installed) on
+    standard-library sources with a fresh datasets cache each time. Many workers on few files make the pool's
+    terminate() race its workers' start: before the fix about 1 run in 3 of these hung forever.
+    """
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for attempt in range(12):
+        command = [
+            sys.executable, "prepare_openwebtext.py", "--files", f"{stdlib}/a*.py", "--tokenizer", "byte",
+            "--val_fraction", "0.1", "--num_proc", "8", "--out_dir", str(tmp_path / f"out{attempt}"),
+            "--cache_dir", str(tmp_path / f"cache{attempt}"),
+        ]  # fmt: skip
+        # a process group of its own, so that a hung run's workers are ended with it
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            pytest.fail(f"prepare hung on run {attempt + 1} of 12 (killed after 60 s)")
+        assert process.returncode == 0, stderr[-2000:]
+        assert (tmp_path / f"out{attempt}" / "meta.json").exists()
+
+
 def test_unwritable_out_dir(tmp_path, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", ['{"text": "a"}', '{"text": "b"}'])
     (tmp_path / "a_file").write_text("not a directory")
@@ -249,7 +297,7 @@ def test_interrupted_run_leaves_nothing_and_keeps_old_outputs(tmp_path, monkeypa
 
     monkeypatch.setattr(prep, "_tokenize_rows", interrupt_on_third_batch)
     assert run(tmp_path, *args) == 130
-    assert list((tmp_path / "out").iterdir()) == [], "no train.bin, meta.json or temporary file is left"
+    assert not (tmp_path / "out").exists(), "no train.bin, meta.json, temporary file or empty out_dir is left"
 
     monkeypatch.setattr(prep, "_tokenize_rows", real_tokenize)
     assert run(tmp_path, *args) == 0
