@@ -5,7 +5,8 @@ Config files are plain Python run in an empty namespace; every public name they 
 dataclass (imported modules and `_private` names are ignored). Arguments apply left to right, so overrides
 given after a config file win. Values are typed by the field annotations: int, float (an int is accepted),
 str, bool (true/false/1/0/yes/no/on/off; a bare `--flag` means True), tuple[int, ...] (`--sizes=4096,8192`)
-and `X | None` (`--key=None`). `--help` lists the keys with their defaults.
+and `X | None` (`--key=None`). `--help` lists the keys with their defaults. parse_cli_explicit also says which keys
+the config files and arguments set, for a script whose defaults come from elsewhere (train.py's resume).
 """
 
 import dataclasses
@@ -96,6 +97,19 @@ def _read_config_file(path: str) -> dict:
 
 def parse_config(config_cls, argv: list[str]):
     """An instance of the dataclass config_cls from config files and --key=value overrides (see module doc)."""
+    return make_config(config_cls, explicit_values(config_cls, argv))
+
+
+def make_config(config_cls, values: dict):
+    """config_cls(**values), its own checks (__post_init__) raised as ConfigError."""
+    try:
+        return config_cls(**values)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def explicit_values(config_cls, argv: list[str]) -> dict:
+    """The values that config files and --key=value arguments in argv set, checked and typed, by key."""
     annotations = typing.get_type_hints(config_cls)
     keys = [field.name for field in dataclasses.fields(config_cls)]
     values: dict = {}
@@ -118,10 +132,7 @@ def parse_config(config_cls, argv: list[str]):
             values[key] = True
         else:
             raise ConfigError(f"--{key} needs a value: write --{key}=VALUE (with '=', no space)")
-    try:
-        return config_cls(**values)
-    except ValueError as err:  # the dataclass's own checks (__post_init__)
-        raise ConfigError(str(err)) from None
+    return values
 
 
 def describe_config(config_cls) -> str:
@@ -137,8 +148,14 @@ def describe_config(config_cls) -> str:
 
 def parse_cli(config_cls, argv: list[str] | None = None):
     """parse_config for a script's __main__: a ConfigError prints its message and exits with status 2."""
+    return parse_cli_explicit(config_cls, argv)[0]
+
+
+def parse_cli_explicit(config_cls, argv: list[str] | None = None):
+    """(the config, the set of keys that config files and arguments set explicitly), as parse_cli."""
     try:
-        return parse_config(config_cls, sys.argv[1:] if argv is None else argv)
+        values = explicit_values(config_cls, sys.argv[1:] if argv is None else argv)
+        return make_config(config_cls, values), set(values)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -153,6 +170,17 @@ def check_dtype(dtype: str):
     """For a config's __post_init__: the dtype key names one of DTYPES."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def check_device(device: str):
+    """For a config's __post_init__: device is auto, cpu, cuda or cuda:N, and a GPU it names is there."""
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}, but torch sees no CUDA GPU: use --device=cpu (or auto)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}, but torch sees {torch.cuda.device_count()} GPU(s): cuda:0 is the first")
 
 
 def resolve_device(device: str) -> str:

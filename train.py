@@ -8,11 +8,13 @@ Train GPT-2, optionally with Skip-Layer Attention, on the token files that prepa
     python train.py --out_dir=out --init_from=resume                            # continue exactly
     python train.py --out_dir=out --init_from=resume --eval_only --eval_data_dir=data/owt --eval_tag=owt
 
-Keys: `python train.py --help`. The helpers at the top (evaluate, checkpoints) are reused by other scripts;
-main() reads top to bottom as the training loop.
+Keys: `python train.py --help`. On resume the checkpoint's config is the default and the command line overrides
+it. The helpers at the top (data, evaluation, logging) are reused by other scripts; then come the run's phases
+(settings, model, data, checkpoint state, evaluation), and fit() reads top to bottom as the training loop.
 """
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -22,14 +24,31 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import autocast_context, check_dtype, parse_cli, resolve_device, resolve_dtype
+# the checkpoint helpers live in checkpoint.py (sample.py reads checkpoints too); train.py re-exports them
+from checkpoint import (
+    RESUME_KEYS,
+    TrainError,
+    load_checkpoint,
+    model_from_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from configurator import (
+    autocast_context,
+    check_device,
+    check_dtype,
+    parse_cli_explicit,
+    resolve_device,
+    resolve_dtype,
+)
 from model import GPT, GPTConfig
 
 
@@ -37,6 +56,7 @@ from model import GPT, GPTConfig
 class TrainConfig:
     # I/O
     out_dir: str = "out"
+    overwrite: bool = False  # a fresh run into an out_dir that holds a run: replace it (else that is an error)
     data_dir: str = "data/openwebtext"  # train.bin, val.bin and meta.json from prepare_openwebtext.py
     init_from: str = "scratch"  # 'scratch' | 'resume' (out_dir/ckpt.pt) | 'gpt2' | 'gpt2-medium' | a HF GPT-2 dir
     always_save_checkpoint: bool = True  # at every evaluation; False: only when the val loss improves
@@ -87,49 +107,110 @@ class TrainConfig:
     seed: int = 1337
 
     def __post_init__(self):
-        for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.log_interval < 1 or self.max_iters < 0 or self.final_eval_iters < 0:
-            raise ValueError("log_interval must be >= 1, and max_iters and final_eval_iters >= 0")
+        """Each bad value named with the key to fix; the command line turns these into exit status 2."""
+        at_least_one = ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                        "log_interval", "n_layer", "n_head", "n_embd")  # fmt: skip
+        at_least_zero = ("max_iters", "final_eval_iters", "eval_batch_size", "vocab_size", "learning_rate", "min_lr",
+                         "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters")  # fmt: skip
+        for names, low in ((at_least_one, 1), (at_least_zero, 0)):
+            for name in names:
+                if not getattr(self, name) >= low:  # `not >=`: a nan fails too
+                    raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for size in self.eval_block_sizes:
+            if size < 1:
+                raise ValueError(f"eval_block_sizes must be context lengths >= 1, got {self.eval_block_sizes}")
+        for name in ("dropout", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         check_dtype(self.dtype)
-
-
-class TrainError(RuntimeError):
-    """A problem the user fixes (data, settings, divergence); the message says how. CLI: printed, exit 1."""
+        check_device(self.device)
 
 
 EVAL_SEED = 0  # the validation windows' seed: fixed, so every run and every evaluation scores the same windows
 
 
 def load_meta(data_dir: str, splits=("train", "val")) -> dict:
-    """meta.json of a data folder, after checking that the token files for splits are there."""
+    """meta.json of a data folder, after checking that it is whole and that the token files for splits are there."""
+    prepare_hint = (
+        f"Prepare the data first, e.g. `python prepare_openwebtext.py --out_dir {data_dir}` (OpenWebText) or "
+        f"`python prepare_openwebtext.py --files 'corpus/*.txt' --tokenizer byte --out_dir {data_dir}`"
+    )
     for name in ("meta.json", *(f"{split}.bin" for split in splits)):
         if not os.path.exists(os.path.join(data_dir, name)):
-            raise TrainError(
-                f"{os.path.join(data_dir, name)} not found. Prepare the data first, e.g. "
-                f"`python prepare_openwebtext.py --out_dir {data_dir}` (OpenWebText) or "
-                f"`python prepare_openwebtext.py --files 'corpus/*.txt' --tokenizer byte --out_dir {data_dir}`"
-            )
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        return json.load(f)
+            raise TrainError(f"{os.path.join(data_dir, name)} not found. {prepare_hint}")
+    meta_path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TrainError(f"{meta_path} is not valid JSON ({err}): cut off or damaged? prepare the data again") from None
+    missing = [key for key in ("tokenizer", "vocab_size", "dtype") if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise TrainError(
+            f"{meta_path} lacks {', '.join(missing)}: not written by prepare_openwebtext.py? {prepare_hint}"
+        )
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise TrainError(f"{meta_path}: dtype {meta['dtype']!r} is none of prepare_openwebtext.py's uint16, uint32")
+    return meta
+
+
+TOKEN_ID_SAMPLE = 1 << 22  # tokens whose largest id open_tokens checks: all of a smaller file, else spread samples
 
 
 def open_tokens(data_dir: str, split: str, meta: dict, min_tokens: int) -> np.memmap:
-    tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+    """
+    data_dir/<split>.bin as a read-only memmap, after checking that it agrees with meta.json: a whole number of
+    tokens, as many as meta.json records (where it does), ids below its vocab_size (all ids of a file up to
+    TOKEN_ID_SAMPLE tokens, else that many in 64 spread runs: cheap on a 9B-token file), and min_tokens at least.
+    """
+    path = os.path.join(data_dir, f"{split}.bin")
+    dtype = np.dtype(meta["dtype"])
+    size = os.path.getsize(path)
+    prepare_again = "prepare the data again (prepare_openwebtext.py --force)"
+    if size == 0:
+        raise TrainError(f"{path} is empty: {prepare_again}")
+    if size % dtype.itemsize:
+        raise TrainError(
+            f"{path} is {size} bytes, not a whole number of {dtype} tokens ({dtype.itemsize} bytes each): "
+            f"cut off? {prepare_again}"
+        )
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    recorded = meta.get("splits", {}).get(split, {}).get("tokens")
+    if recorded is not None and recorded != len(tokens):
+        raise TrainError(
+            f"{path} holds {len(tokens)} tokens, but {data_dir}/meta.json records {recorded}: the files are from "
+            f"different preparations, or cut off; {prepare_again}"
+        )
+    if len(tokens) <= TOKEN_ID_SAMPLE:
+        largest = int(tokens.max())
+    else:
+        run = TOKEN_ID_SAMPLE // 64
+        largest = max(int(tokens[s : s + run].max()) for s in np.linspace(0, len(tokens) - run, 64, dtype=np.int64))
+    if largest >= meta["vocab_size"]:
+        raise TrainError(
+            f"{path} holds token id {largest}, but {data_dir}/meta.json declares vocab_size {meta['vocab_size']}: "
+            f"the tokens and meta.json do not belong together; {prepare_again}"
+        )
     if len(tokens) < min_tokens:
         raise TrainError(
-            f"{data_dir}/{split}.bin holds {len(tokens)} tokens, but a window of {min_tokens - 1} needs "
+            f"{path} holds {len(tokens)} tokens, but a window of {min_tokens - 1} needs "
             f"{min_tokens}: use a smaller --block_size/--eval_block_sizes, or prepare more data "
             f"(for val.bin: prepare_openwebtext.py --val_fraction)"
         )
     return tokens
 
 
-def windows_to_tensor(tokens: np.ndarray, starts, length: int, device) -> torch.Tensor:
-    """(len(starts), length) int64 tensor of tokens[s : s + length] for each start s, on device. To a GPU through
-    pinned memory without blocking, so the host can prepare the next batch while the device computes."""
-    windows = torch.from_numpy(np.stack([tokens[s : s + length] for s in starts]).astype(np.int64))
+def windows_to_tensor(tokens: np.ndarray, starts, length: int, device, vocab_size: int | None = None) -> torch.Tensor:
+    """
+    (len(starts), length) int64 tensor of tokens[s : s + length] for each start s, on device. To a GPU through
+    pinned memory without blocking, so the host can prepare the next batch while the device computes. With
+    vocab_size, an id >= vocab_size is a TrainError here, not an index error (a device-side assert on a GPU).
+    """
+    windows = np.stack([tokens[s : s + length] for s in starts])
+    if vocab_size is not None and windows.max() >= vocab_size:
+        where = getattr(tokens, "filename", None) or "the token file"
+        raise TrainError(f"{where} holds token id {windows.max()}, beyond the vocabulary of {vocab_size}")
+    windows = torch.from_numpy(windows.astype(np.int64))
     if str(device).startswith("cuda"):
         return windows.pin_memory().to(device, non_blocking=True)
     return windows
@@ -216,62 +297,17 @@ def get_lr(it: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (config.learning_rate - config.min_lr)
 
 
-def rng_state() -> dict:
-    """This process's RNG states as plain lists and tensors (torch.load(weights_only=True) accepts them)."""
-    py_version, py_internal, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
-        "python": [py_version, list(py_internal), py_gauss],
-        "numpy": [np_kind, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-    }
-
-
-def set_rng_state(state: dict):
-    py_version, py_internal, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_internal), py_gauss))
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_kind, np.array(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
-def save_checkpoint(checkpoint: dict, path: str):
-    """Atomic: a crash while writing leaves the previous checkpoint as it was."""
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """A checkpoint written by train.py (keys: see save() in main), loaded with weights_only=True."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.exists(path):
-        raise TrainError(
-            f"no checkpoint at {path}: train one first (python train.py --out_dir={os.path.dirname(path)} ...), "
-            f"or pass --out_dir=<a run's folder with ckpt.pt>"
-        )
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
-    """The GPT of a checkpoint, weights loaded; overrides change GPTConfig fields that keep the shapes (dropout)."""
-    model = GPT(GPTConfig(**{**checkpoint["model_args"], **overrides}))
-    # train.py saves the bare model; a torch.compile'd module's state dict has its keys prefixed
-    model.load_state_dict({key.removeprefix("_orig_mod."): value for key, value in checkpoint["model"].items()})
-    return model
-
-
 def make_log(log_path: str | None, wandb_run):
     """The one logging path: a JSON line in log_path (if given) and wandb (if a run is given). wandb gets the
     numbers; the run's settings ("config" lines) it has from wandb.init."""
 
     def log(metrics: dict):
         if log_path is not None:
-            with open(log_path, "a") as f:  # opened per line: each line is on disk once logged
-                f.write(json.dumps(metrics) + "\n")
+            try:
+                with open(log_path, "a") as f:  # opened per line: each line is on disk once logged
+                    f.write(json.dumps(metrics) + "\n")
+            except OSError as err:
+                raise TrainError(f"cannot write {log_path}: {err.strerror or err}") from None
         numbers = {key: value for key, value in metrics.items() if key not in ("iter", "config", "model_args")}
         if wandb_run is not None and numbers:
             wandb_run.log(numbers, step=metrics["iter"])
@@ -279,20 +315,588 @@ def make_log(log_path: str | None, wandb_run):
     return log
 
 
-def drop_log_lines_after(log_path: str, iter_num: int):
-    """On resume, forget lines that a crashed run logged after its last checkpoint: they will be redone."""
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            lines = [line for line in f if json.loads(line)["iter"] <= iter_num]
-        with open(log_path, "w") as f:
-            f.writelines(lines)
+def drop_log_lines_after(log_path: str, iter_num: float) -> int:
+    """
+    On resume, forget lines that a crashed run logged after its last checkpoint: they will be redone. Lines that
+    are no JSON record (cut off by a kill or a full disk) go too; returns how many such damaged lines there were.
+    """
+    if not os.path.exists(log_path):
+        return 0
+    kept, damaged = [], 0
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            try:
+                logged_iter = json.loads(line)["iter"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                damaged += 1
+                continue
+            if logged_iter <= iter_num:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(log_path, "w") as f:
+        f.writelines(kept)
+    return damaged
 
 
-def main(config: TrainConfig) -> dict:
-    """Train (or, with eval_only, evaluate) as config says; returns a summary of the run."""
+# ----------------------------------------------------------------------------- the run's phases
+
+ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")  # fixed by ckpt.pt
+# keys that a resumed run may change and still continue the same training exactly: where it writes, how long it
+# runs, how it is evaluated and logged, whether it is compiled
+CONTINUATION_KEYS = {
+    "out_dir", "overwrite", "init_from", "always_save_checkpoint", "eval_interval", "eval_iters", "final_eval_iters",
+    "eval_block_sizes", "eval_batch_size", "eval_only", "eval_data_dir", "eval_tag", "log_interval", "wandb_log",
+    "wandb_project", "wandb_run_name", "max_iters", "compile",
+}  # fmt: skip
+
+
+def resumed_config(config: TrainConfig, explicit_keys, checkpoint: dict, ckpt_path: str, say=print) -> TrainConfig:
+    """
+    The config of a resumed run: the checkpoint's saved config, overridden by the keys the user set (explicit_keys),
+    with out_dir and init_from as given. A set key that contradicts the checkpoint's architecture is an error; one
+    that changes the training itself (batch, seed, learning rate, ...) is allowed, with a note that the run is no
+    longer an exact continuation.
+    """
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise TrainError(
+            f"{ckpt_path} has no {', '.join(missing)}: it holds a model to sample from, not a run to resume; "
+            f"start a run from scratch in another --out_dir"
+        )
+    model_args = checkpoint["model_args"]
+    given = {key: getattr(config, key) for key in explicit_keys}
+    for key in ARCHITECTURE_KEYS:
+        if key in given and given[key] != model_args[key] and not (key == "vocab_size" and given[key] == 0):
+            raise TrainError(
+                f"--{key}={given[key]} differs from the checkpoint's {key}={model_args[key]} ({ckpt_path}): "
+                f"a resumed run keeps the checkpoint's architecture; leave out --{key}"
+            )
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {key: value for key, value in checkpoint["config"].items() if key in known}
+    unknown = sorted(set(checkpoint["config"]) - known)
+    if unknown:
+        say(f"note: ignoring keys of {ckpt_path}'s config that this train.py does not have: {', '.join(unknown)}")
+    try:
+        resumed = TrainConfig(**{**saved, **given, "out_dir": config.out_dir, "init_from": "resume"})
+    except ValueError as err:
+        raise TrainError(f"the config of {ckpt_path} with your overrides: {err}") from None
+    changed = [key for key in given if key not in CONTINUATION_KEYS and key in saved and given[key] != saved[key]]
+    if changed and not resumed.eval_only:
+        changes = ", ".join(f"{key}={given[key]} (was {saved[key]})" for key in changed)
+        say(f"note: resuming with {changes}: the run is no longer an exact continuation of {ckpt_path}")
+    return resumed
+
+
+def check_run(config: TrainConfig, world_size: int, master: bool):
+    """Settings that cannot work together, and an out_dir that cannot take this run: found before building."""
+    # The global batch is fixed by the config; processes share its micro-steps, so any world size trains alike.
+    if config.gradient_accumulation_steps % world_size:
+        raise TrainError(
+            f"gradient_accumulation_steps={config.gradient_accumulation_steps} is the global number of micro-steps"
+            f" per optimizer step and must be divisible by the {world_size} processes"
+        )
+    if config.eval_block_sizes and max(config.eval_block_sizes) > config.block_size:
+        raise TrainError(
+            f"eval_block_sizes {config.eval_block_sizes} go beyond the model's block_size {config.block_size}: "
+            f"drop the larger ones (--eval_block_sizes=...) or train with a larger --block_size"
+        )
+    if not master:
+        return  # only rank 0 writes out_dir
+    existing = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(config.out_dir, name))]
+    if config.init_from != "resume" and not config.eval_only and existing and not config.overwrite:
+        raise TrainError(
+            f"{config.out_dir} already holds a run ({', '.join(existing)}): continue it with "
+            f"--out_dir={config.out_dir} --init_from=resume, or pass --overwrite=True to replace it with a new run"
+        )
+    try:
+        os.makedirs(config.out_dir, exist_ok=True)
+        tempfile_path = os.path.join(config.out_dir, f".write-test-{os.getpid()}")
+        open(tempfile_path, "w").close()
+        os.remove(tempfile_path)
+    except OSError as err:
+        raise TrainError(f"cannot write to out_dir {config.out_dir}: {err.strerror or err}") from None
+
+
+def build_model(config: TrainConfig, checkpoint: dict | None, data_meta: dict) -> GPT:
+    """The model: from scratch, from a checkpoint (init_from=resume), or from released GPT-2 weights."""
+    sla_settings = {key: getattr(config, key) for key in ("sla", "sla_head_ratio", "sla_skip")}
+    if config.init_from == "scratch":
+        vocab_size = config.vocab_size or -(-data_meta["vocab_size"] // 64) * 64
+        shape = {key: getattr(config, key) for key in ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")}
+        try:
+            model = GPT(GPTConfig(vocab_size=vocab_size, **shape, **sla_settings))
+        except ValueError as err:  # GPTConfig's own checks name the key
+            raise TrainError(str(err)) from None
+    elif config.init_from == "resume":
+        model = model_from_checkpoint(checkpoint, dropout=config.dropout)
+    else:
+        model = GPT.from_pretrained(
+            config.init_from, block_size=config.block_size, dropout=config.dropout, **sla_settings
+        )
+        if model.config.block_size != config.block_size:
+            raise TrainError(
+                f"{config.init_from} has {model.config.block_size} positions; set --block_size to at most that"
+            )
+    model_config = model.config
+    if model_config.sla and (model_config.n_skip_heads == 0 or model_config.sla_skip >= model_config.n_layer):
+        raise TrainError(
+            f"--sla is set but no head would skip: round(sla_head_ratio * n_head) = "
+            f"round({model_config.sla_head_ratio} * {model_config.n_head}) = {model_config.n_skip_heads} skip heads, "
+            f"and sla_skip = {model_config.sla_skip} must be < n_layer = {model_config.n_layer}; "
+            f"raise --sla_head_ratio or lower --sla_skip"
+        )
+    return model
+
+
+def check_model_reads_data(config: TrainConfig, model: GPT, checkpoint: dict | None, data: dict[str, dict | None]):
+    """Every data folder (name: meta) holds tokens of the model's tokenizer, with ids the model has embeddings for."""
+    # the tokenizer the model has learnt, where known: its checkpoint's, GPT-2's, or (from scratch) the data's
+    model_tokenizer = None  # a Hugging Face folder: only the vocabulary size can be checked
+    if checkpoint:
+        model_tokenizer = checkpoint["meta"]["tokenizer"]
+    elif config.init_from == "scratch":
+        model_tokenizer = next(meta for meta in data.values() if meta)["tokenizer"]
+    elif config.init_from.startswith("gpt2"):
+        model_tokenizer = "gpt2"
+    for data_dir, data_meta in data.items():
+        if data_meta and model_tokenizer and data_meta["tokenizer"] != model_tokenizer:
+            raise TrainError(
+                f"{data_dir} holds {data_meta['tokenizer']} tokens, but the model reads {model_tokenizer} tokens: "
+                f"prepare it with `prepare_openwebtext.py --tokenizer {model_tokenizer}`"
+            )
+        if data_meta and data_meta["vocab_size"] > model.config.vocab_size:
+            raise TrainError(
+                f"{data_dir} has vocab_size {data_meta['vocab_size']}, more than the model's {model.config.vocab_size}:"
+                f" set --vocab_size=0 (sized from meta.json) or at least {data_meta['vocab_size']}"
+            )
+
+
+@dataclass
+class Progress:
+    """The counters the loop advances (the first three are saved in every checkpoint) and its latest losses."""
+
+    iter_num: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    saved_iter: int | None = None  # the iteration that out_dir/ckpt.pt holds; None: this run has none
+    train_loss: float | None = None
+    val_losses: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """What setup() builds once and every phase reads."""
+
+    config: TrainConfig
+    device: str
+    dtype: str  # resolved: bfloat16, float16 or float32
+    rank: int
+    world_size: int
+    model: GPT  # the bare model; train_model wraps it (torch.compile, DDP) for the training forward and backward
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None  # None for eval_only
+    scaler: torch.amp.GradScaler | None
+    train_meta: dict | None
+    train_tokens: np.memmap | None
+    val_tokens: np.memmap
+    eval_block_sizes: tuple[int, ...]
+    eval_batch_sizes: dict[int, int]
+    log: object = None  # make_log's function
+    wandb_run: object = None
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.config.out_dir, "ckpt.pt")
+
+    @property
+    def local_micro_steps(self) -> int:
+        return self.config.gradient_accumulation_steps // self.world_size
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.config.gradient_accumulation_steps * self.config.batch_size * self.config.block_size
+
+    def print(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+
+def setup(config: TrainConfig, checkpoint: dict | None, device: str, rank: int) -> tuple[Run, Progress]:
+    """Model, data, optimizer and log, restored from checkpoint if given: everything the loop needs."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    dtype = resolve_dtype(config.dtype, device)
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 for the few float32 matmuls left outside autocast
+    random.seed(config.seed + rank)
+    np.random.seed(config.seed + rank)
+    torch.manual_seed(config.seed + rank)  # DDP copies rank 0's initial weights to the others
+    # the training data (none for eval_only) and the data evaluated on, which may be another corpus
+    eval_data_dir = config.eval_data_dir or config.data_dir
+    train_meta = None if config.eval_only else load_meta(config.data_dir)
+    same_data = train_meta is not None and eval_data_dir == config.data_dir
+    eval_meta = train_meta if same_data else load_meta(eval_data_dir, splits=("val",))
+    model = build_model(config, checkpoint, train_meta or eval_meta)
+    check_model_reads_data(config, model, checkpoint, {config.data_dir: train_meta, eval_data_dir: eval_meta})
+    model.to(device)
+    sla_summary = (
+        f"{model.config.n_skip_heads} skip heads, sla_skip {model.config.sla_skip}" if model.config.sla else "off"
+    )
+    if rank == 0:
+        n_params = model.get_num_params() / 1e6
+        print(f"model: {n_params:.2f}M parameters, block_size {model.config.block_size}, SLA {sla_summary}")
+
+    eval_block_sizes = config.eval_block_sizes or default_eval_block_sizes(model.config.block_size)
+    eval_batch_sizes = {
+        T: config.eval_batch_size or max(1, config.batch_size * config.block_size // T) for T in eval_block_sizes
+    }
+    val_tokens = open_tokens(eval_data_dir, "val", eval_meta, min_tokens=max(eval_block_sizes) + 1)
+    train_tokens, optimizer, scaler = None, None, None
+    if not config.eval_only:
+        train_tokens = open_tokens(config.data_dir, "train", train_meta, min_tokens=config.block_size + 1)
+        device_type = "cuda" if device.startswith("cuda") else "cpu"
+        betas = (config.beta1, config.beta2)
+        optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, betas, device_type)
+        scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
+    run = Run(config, device, dtype, rank, world_size, model, model, optimizer, scaler, train_meta, train_tokens,
+              val_tokens, eval_block_sizes, eval_batch_sizes)  # fmt: skip
+    progress = Progress()
+    if checkpoint:
+        restore(run, progress, checkpoint)
+    run.log, run.wandb_run = open_log(run, progress)
+    if not config.eval_only:
+        run.train_model = wrap_for_training(run)
+    return run, progress
+
+
+def wrap_for_training(run: Run) -> torch.nn.Module:
+    """The model that the loop runs forward and backward: compiled if asked, in DDP under torchrun."""
+    train_model = torch.compile(run.model) if run.config.compile else run.model
+    if run.ddp:
+        # DDP keeps its process group alive until the interpreter exits (torch 2.13), and on gloo that keeps the
+        # group's worker threads too; one still freeing the tensors of our own collectives (loss, evaluation, RNG
+        # gather) while Python shuts down aborts a finished run. So on gloo DDP gets a group of its own and the
+        # default group is torn down in main(). On NCCL, destroy_process_group shuts the communicators down
+        # itself, so one group serves (untested here: we had no multi-GPU machine).
+        on_gpu = run.device.startswith("cuda")
+        ddp_group = None if on_gpu else dist.new_group(backend="gloo")
+        device_ids = [torch.cuda.current_device()] if on_gpu else None
+        train_model = DDP(train_model, device_ids=device_ids, process_group=ddp_group)
+    return train_model
+
+
+def open_log(run: Run, progress: Progress):
+    """
+    (log, wandb run): rank 0 writes out_dir/log.jsonl and, if enabled, wandb. A fresh run starts a fresh log (and
+    with overwrite=True drops the old run's checkpoint); a resumed one forgets what was logged after its checkpoint.
+    Each invocation (fresh, resumed, eval-only) logs its settings first, so a log says how its numbers were made.
+    """
+    config, log_path, wandb_run = run.config, None, None
+    if run.master:
+        log_path = os.path.join(config.out_dir, "log.jsonl")
+        if config.init_from != "resume" and not config.eval_only:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(run.ckpt_path)  # check_run let this run replace an old one only with overwrite=True
+            open(log_path, "w").close()
+        else:
+            # eval_only keeps every logged line, but not one cut off by a crash: the next line would join it
+            damaged = drop_log_lines_after(log_path, math.inf if config.eval_only else progress.iter_num)
+            if damaged:
+                print(f"note: dropped {damaged} damaged line(s) of {log_path} (cut off by a crash or a full disk?)")
+        if config.wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise TrainError("wandb_log=True needs wandb: `pip install wandb`, or leave wandb_log off") from None
+            wandb_run = wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=asdict(config))
+    log = make_log(log_path, wandb_run)
+    log(
+        {
+            "iter": progress.iter_num,
+            "tokens": progress.tokens_seen,
+            "config": asdict(config),
+            "model_args": asdict(run.model.config),
+            "world_size": run.world_size,
+        }
+    )
+    return log, wandb_run
+
+
+# ----------------------------------------------------------------------------- checkpoint state
+
+
+def training_state(run: Run, progress: Progress, rng: list[dict]) -> dict:
+    """The one structure saved in ckpt.pt (see checkpoint.py); restore() reads it back."""
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "model_args": asdict(run.model.config),
+        "config": asdict(run.config),
+        "iter_num": progress.iter_num,
+        "tokens_seen": progress.tokens_seen,
+        "best_val_loss": progress.best_val_loss,
+        "meta": run.train_meta,
+        "rng": {"ranks": rng},  # per rank: python, numpy, torch, cuda; data windows follow iter_num
+    }
+
+
+def restore(run: Run, progress: Progress, checkpoint: dict):
+    """Counters, optimizer, loss scaler and RNG states from a checkpoint (the weights are loaded by build_model)."""
+    progress.iter_num = progress.saved_iter = checkpoint["iter_num"]
+    progress.tokens_seen = checkpoint["tokens_seen"]
+    progress.best_val_loss = checkpoint["best_val_loss"]
+    if run.config.eval_only:
+        return
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    saved_rng = checkpoint["rng"]["ranks"]
+    if len(saved_rng) == run.world_size:
+        set_rng_state(saved_rng[run.rank])
+    else:
+        run.print(f"note: checkpoint from {len(saved_rng)} processes, now {run.world_size}: dropout RNG restarts")
+
+
+def save(run: Run, progress: Progress, reason: str):
+    """
+    Every rank calls this (to gather its RNG state); rank 0 writes. Weights that are not finite are never saved.
+    If rank 0 cannot write, every rank raises, instead of the others waiting for it in the next step.
+    """
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        raise diverged(f"the weights hold non-finite values at iter {progress.iter_num}", run, progress)
+    rng = [rng_state()]
+    if run.ddp:
+        rng = [None] * run.world_size
+        dist.all_gather_object(rng, rng_state())
+    error = [None]
+    if run.master:
+        try:
+            save_checkpoint(training_state(run, progress, rng), run.ckpt_path)
+        except TrainError as err:
+            error = [str(err)]
+    if run.ddp:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise TrainError(error[0] if run.master else f"rank 0 could not save {run.ckpt_path}; see its error")
+    progress.saved_iter = progress.iter_num
+    run.print(f"saved {run.ckpt_path} at iter {progress.iter_num} ({reason})")
+
+
+def diverged(what: str, run: Run, progress: Progress) -> TrainError:
+    """The error for a non-finite loss or weights, saying truthfully what the checkpoint holds."""
+    if progress.saved_iter is None:
+        kept = "no checkpoint was saved: start again, perhaps with a lower --learning_rate"
+    else:
+        kept = (
+            f"{run.ckpt_path} (iter {progress.saved_iter}) left as it was: resume it with --init_from=resume, "
+            f"perhaps with a lower --learning_rate"
+        )
+    return TrainError(f"{what}: training stopped, {kept}")
+
+
+# ----------------------------------------------------------------------------- evaluation and training
+
+
+def run_evaluation(run: Run, progress: Progress, eval_iters: int) -> dict[int, float]:
+    """Evaluate on the fixed windows, print and log {tag}/loss@T and its position buckets; a non-finite loss stops."""
+    tag = run.config.eval_tag
+    by_position = evaluate_by_position(
+        run.model, run.val_tokens, run.eval_block_sizes, eval_iters, run.eval_batch_sizes, run.dtype
+    )
+    losses = {T: float(position_losses.mean()) for T, position_losses in by_position.items()}
+    metrics = {f"{tag}/loss@{T}": loss for T, loss in losses.items()}
+    run.print(f"iter {progress.iter_num}: " + ", ".join(f"{key} {loss:.4f}" for key, loss in metrics.items()))
+    for T, position_losses in by_position.items():
+        buckets = position_buckets(T, run.eval_block_sizes)
+        if len(buckets) > 1:  # one bucket would repeat loss@T
+            for lo, hi in buckets:
+                metrics[f"{tag}/loss@{T}/pos{lo}-{hi}"] = float(position_losses[lo:hi].mean())
+    run.log({"iter": progress.iter_num, "tokens": progress.tokens_seen, **metrics})
+    for T, loss in losses.items():
+        if not math.isfinite(loss):
+            raise diverged(f"{tag}/loss@{T} is {loss} at iter {progress.iter_num}", run, progress)
+    return losses
+
+
+def get_batch(run: Run, it: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Inputs and targets of global micro-step `micro_step` of optimizer step `it`. The windows come from a
+    generator seeded by (seed, it, micro_step) alone, not by the rank or by any state: W processes that each
+    take G / W of the G global micro-steps see exactly the windows that one process with G micro-steps
+    sees, so any world size gives the same training, and a resumed run continues the same stream from
+    iter_num alone (it is the data generator's whole state).
+    """
+    config = run.config
+    generator = np.random.default_rng((config.seed, it, micro_step))
+    starts = generator.integers(0, len(run.train_tokens) - config.block_size, size=config.batch_size)
+    windows = windows_to_tensor(
+        run.train_tokens, starts, config.block_size + 1, run.device, run.train_meta["vocab_size"]
+    )
+    return windows[:, :-1], windows[:, 1:]
+
+
+class StepClock:
+    """Seconds per training step between log lines; restarted after an evaluation, so that it times training only."""
+
+    def __init__(self, iter_num: int):
+        self.restart(iter_num)
+
+    def restart(self, iter_num: int):
+        self.time, self.iter_num = time.perf_counter(), iter_num
+
+    def lap(self, iter_num: int) -> float:
+        now = time.perf_counter()
+        seconds_per_step = (now - self.time) / (iter_num - self.iter_num)
+        self.time, self.iter_num = now, iter_num
+        return seconds_per_step
+
+
+def log_step(run: Run, progress: Progress, lr: float, clock: StepClock):
+    if run.device.startswith("cuda"):
+        torch.cuda.synchronize()  # the clock reads finished work; only on log steps, not every step
+    step_time = clock.lap(progress.iter_num)
+    tokens_per_s = run.tokens_per_iter / step_time
+    mfu = run.model.estimate_mfu(tokens_per_s / run.world_size, seq_len=run.config.block_size)  # per GPU
+    print(
+        f"iter {progress.iter_num}: loss {progress.train_loss:.4f}, lr {lr:.2e}, {step_time * 1000:.1f} ms/step, "
+        f"{tokens_per_s:,.0f} tokens/s, mfu {'-' if mfu is None else f'{mfu:.1%}'}"
+    )
+    run.log(
+        {
+            "iter": progress.iter_num,
+            "tokens": progress.tokens_seen,
+            "train/loss": progress.train_loss,
+            "lr": lr,
+            "ms_per_step": step_time * 1000,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+        }
+    )
+
+
+def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
+    """The training loop, from progress.iter_num to max_iters or a stop request (SIGTERM, SIGINT)."""
+    config, optimizer, scaler, autocast = run.config, run.optimizer, run.scaler, autocast_context(run.device, run.dtype)
+    run.print(
+        f"{run.tokens_per_iter:,} tokens per optimizer step = {config.gradient_accumulation_steps} micro-steps "
+        f"({run.local_micro_steps} on each of {run.world_size} processes) x {config.batch_size} x {config.block_size}"
+    )
+    if progress.iter_num == 0:
+        progress.val_losses = run_evaluation(run, progress, config.eval_iters)
+    elif progress.iter_num >= config.max_iters:
+        run.print(f"iter {progress.iter_num} is max_iters already: nothing to train (raise --max_iters to go on)")
+    first_micro_step = run.rank * run.local_micro_steps  # this rank's share of the global micro-steps
+    x, y = get_batch(run, progress.iter_num, first_micro_step)
+    clock = StepClock(progress.iter_num)
+    while progress.iter_num < config.max_iters:
+        # learning rate
+        lr = get_lr(progress.iter_num, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # micro-steps: forward, backward, and the next batch fetched while the device works
+        loss_sum = torch.zeros((), device=run.device)
+        for micro_step in range(run.local_micro_steps):
+            last_micro_step = micro_step == run.local_micro_steps - 1
+            # DDP all-reduces gradients in backward; only the last micro-step's backward needs to
+            sync = run.train_model.no_sync() if run.ddp and not last_micro_step else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    _, loss = run.train_model(x, y, return_logits=False)
+                next_it, next_micro = (
+                    (progress.iter_num + 1, 0) if last_micro_step else (progress.iter_num, micro_step + 1)
+                )
+                x, y = get_batch(run, next_it, first_micro_step + next_micro)
+                scaler.scale(loss / run.local_micro_steps).backward()
+            loss_sum += loss.detach()
+
+        # loss all-reduce and divergence check: one all-reduce carries the loss and the stop flag, so all ranks
+        # agree on both (waiting for it costs little: a step is many micro-steps long)
+        loss_and_stop = torch.stack([loss_sum / run.local_micro_steps, loss_sum.new_tensor(stop_requested.is_set())])
+        if run.ddp:
+            dist.all_reduce(loss_and_stop)
+        loss_total, stop_votes = loss_and_stop.tolist()
+        progress.train_loss, stop = loss_total / run.world_size, stop_votes > 0
+        if not math.isfinite(progress.train_loss):
+            raise diverged(f"loss is {progress.train_loss} at iter {progress.iter_num + 1}", run, progress)
+
+        # optimizer step
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        progress.iter_num += 1
+        progress.tokens_seen += run.tokens_per_iter
+
+        # logging
+        if progress.iter_num % config.log_interval == 0 and run.master:
+            log_step(run, progress, lr, clock)
+
+        # evaluation and checkpoint
+        finished = progress.iter_num == config.max_iters
+        if progress.iter_num % config.eval_interval == 0 or finished:
+            eval_iters = config.final_eval_iters if finished and config.final_eval_iters else config.eval_iters
+            progress.val_losses = run_evaluation(run, progress, eval_iters)
+            val_loss = progress.val_losses[max(run.eval_block_sizes)]  # the longest context is the one SLA is about
+            improved = val_loss < progress.best_val_loss
+            progress.best_val_loss = min(progress.best_val_loss, val_loss)
+            if improved or config.always_save_checkpoint or finished or stop:
+                save(run, progress, "end of training" if finished else "evaluation")
+            clock.restart(progress.iter_num)  # ms/step: training steps only
+        elif stop:
+            save(run, progress, "stop requested")
+
+        # stop
+        if stop:
+            run.print(
+                f"stopped at iter {progress.iter_num}; continue with: python train.py --out_dir={config.out_dir} "
+                f"--init_from=resume (the checkpoint holds the rest of the config)"
+            )
+            break
+    return summary(run, progress)
+
+
+def summary(run: Run, progress: Progress) -> dict:
+    """Close wandb; the run's summary."""
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
+    return {
+        "iter_num": progress.iter_num,
+        "train_loss": progress.train_loss,
+        "val_losses": progress.val_losses,
+        "best_val_loss": progress.best_val_loss,
+        "tokens_seen": progress.tokens_seen,
+        "out_dir": run.config.out_dir,
+    }
+
+
+def main(config: TrainConfig, explicit_keys=None) -> dict:
+    """
+    Train (or, with eval_only, evaluate) as config says; returns a summary of the run. explicit_keys are the keys
+    the user set (the command line's: configurator.parse_cli_explicit); on resume they override the checkpoint's
+    saved config, which gives every other key. None, for in-process callers, counts each key that differs from
+    TrainConfig's default as set.
+    """
+    if explicit_keys is None:
+        explicit_keys = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != f.default}
     # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is one process
     ddp = "RANK" in os.environ
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    checkpoint = None
+    if config.init_from == "resume":
+        ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+        checkpoint = load_checkpoint(ckpt_path)  # to the CPU: the device may be among the saved settings
+        config = resumed_config(config, explicit_keys, checkpoint, ckpt_path, print if rank == 0 else lambda _: None)
+    check_run(config, int(os.environ.get("WORLD_SIZE", 1)), master=rank == 0)
+
     device = resolve_device(config.device)
     if device == "cuda" or (ddp and device.startswith("cuda")):
         device = f"cuda:{local_rank}"  # one GPU per process
@@ -316,10 +920,16 @@ def main(config: TrainConfig) -> dict:
     for sig in previous_handlers:
         signal.signal(sig, request_stop)
     try:
-        summary = _run(config, device, ddp, rank, stop_requested)
+        run, progress = setup(config, checkpoint, device, rank)
+        checkpoint = None  # free the loaded tensors
+        if config.eval_only:
+            progress.val_losses = run_evaluation(run, progress, config.final_eval_iters or config.eval_iters)
+            result = summary(run, progress)
+        else:
+            result = fit(run, progress, stop_requested)
         if ddp:
             dist.barrier()  # no rank tears the group down while rank 0 still writes
-        return summary
+        return result
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
@@ -327,324 +937,9 @@ def main(config: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
-def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested: threading.Event) -> dict:
-    world_size = dist.get_world_size() if ddp else 1
-    master = rank == 0
-    print0 = print if master else lambda *args, **kwargs: None
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = resolve_dtype(config.dtype, device)
-    autocast = autocast_context(device, dtype)
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the few float32 matmuls left outside autocast
-
-    # The global batch is fixed by the config; processes share its micro-steps, so any world size trains alike.
-    if config.gradient_accumulation_steps % world_size:
-        raise TrainError(
-            f"gradient_accumulation_steps={config.gradient_accumulation_steps} is the global number of micro-steps"
-            f" per optimizer step and must be divisible by the {world_size} processes"
-        )
-    local_micro_steps = config.gradient_accumulation_steps // world_size
-    tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * config.block_size
-
-    # ---- model: scratch, resume, or released GPT-2 weights ----
-    random.seed(config.seed + rank)
-    np.random.seed(config.seed + rank)
-    torch.manual_seed(config.seed + rank)  # DDP copies rank 0's initial weights to the others
-    # the training data (none for eval_only) and the data evaluated on, which may be another corpus
-    eval_data_dir = config.eval_data_dir or config.data_dir
-    train_meta = None if config.eval_only else load_meta(config.data_dir)
-    same_data = train_meta is not None and eval_data_dir == config.data_dir
-    eval_meta = train_meta if same_data else load_meta(eval_data_dir, splits=("val",))
-    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-    checkpoint = None
-    sla_settings = {k: getattr(config, k) for k in ("sla", "sla_head_ratio", "sla_skip")}
-    if config.init_from == "scratch":
-        vocab_size = config.vocab_size or -(-(train_meta or eval_meta)["vocab_size"] // 64) * 64
-        arch = {k: getattr(config, k) for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")}
-        try:
-            model_config = GPTConfig(vocab_size=vocab_size, **arch, **sla_settings)
-        except ValueError as err:  # GPTConfig's own checks name the key
-            raise TrainError(str(err)) from None
-        raw_model = GPT(model_config)
-    elif config.init_from == "resume":
-        checkpoint = load_checkpoint(ckpt_path, map_location=device)
-        raw_model = model_from_checkpoint(checkpoint, dropout=config.dropout)
-        # an exact continuation needs the same model and windows: pass the original run's config again
-        saved = checkpoint["model_args"]
-        for key in ("block_size", "n_layer", "n_head", "n_embd", "bias", "sla", "sla_head_ratio", "sla_skip"):
-            if getattr(config, key) != saved[key]:
-                raise TrainError(
-                    f"--{key}={getattr(config, key)} differs from the checkpoint's {key}={saved[key]} ({ckpt_path}): "
-                    f"resume with the settings (config file and overrides) of the run that wrote it"
-                )
-    else:
-        raw_model = GPT.from_pretrained(
-            config.init_from, block_size=config.block_size, dropout=config.dropout, **sla_settings
-        )
-        if raw_model.config.block_size != config.block_size:
-            raise TrainError(
-                f"{config.init_from} has {raw_model.config.block_size} positions; set --block_size to at most that"
-            )
-    model_config = raw_model.config
-    if model_config.sla and (model_config.n_skip_heads == 0 or model_config.sla_skip >= model_config.n_layer):
-        raise TrainError(
-            f"--sla is set but no head would skip: round(sla_head_ratio * n_head) = "
-            f"round({model_config.sla_head_ratio} * {model_config.n_head}) = {model_config.n_skip_heads} skip heads, "
-            f"and sla_skip = {model_config.sla_skip} must be < n_layer = {model_config.n_layer}; "
-            f"raise --sla_head_ratio or lower --sla_skip"
-        )
-    # the tokenizer the model has learnt, where known: its checkpoint's, GPT-2's, or (from scratch) the data's
-    model_tokenizer = None  # a Hugging Face folder: only the vocabulary size can be checked
-    if checkpoint:
-        model_tokenizer = checkpoint["meta"]["tokenizer"]
-    elif config.init_from == "scratch":
-        model_tokenizer = (train_meta or eval_meta)["tokenizer"]
-    elif config.init_from.startswith("gpt2"):
-        model_tokenizer = "gpt2"
-    for data_dir, data_meta in ((config.data_dir, train_meta), (eval_data_dir, eval_meta)):
-        if data_meta and model_tokenizer and data_meta["tokenizer"] != model_tokenizer:
-            raise TrainError(
-                f"{data_dir} holds {data_meta['tokenizer']} tokens, but the model reads {model_tokenizer} tokens: "
-                f"prepare it with `prepare_openwebtext.py --tokenizer {model_tokenizer}`"
-            )
-        if data_meta and data_meta["vocab_size"] > model_config.vocab_size:
-            raise TrainError(
-                f"{data_dir} has vocab_size {data_meta['vocab_size']}, more than the model's {model_config.vocab_size}:"
-                f" set --vocab_size=0 (sized from meta.json) or at least {data_meta['vocab_size']}"
-            )
-    raw_model.to(device)
-    sla_summary = (
-        f"{model_config.n_skip_heads} skip heads, sla_skip {model_config.sla_skip}" if model_config.sla else "off"
-    )
-    n_params = raw_model.get_num_params() / 1e6
-    print0(f"model: {n_params:.2f}M parameters, block_size {model_config.block_size}, SLA {sla_summary}")
-
-    # ---- evaluation: fixed windows at each context length ----
-    eval_block_sizes = config.eval_block_sizes or default_eval_block_sizes(model_config.block_size)
-    if max(eval_block_sizes) > model_config.block_size:
-        raise TrainError(
-            f"eval_block_sizes {eval_block_sizes} go beyond the model's block_size {model_config.block_size}: "
-            f"drop the larger ones (--eval_block_sizes=...) or train with a larger --block_size"
-        )
-    val_tokens = open_tokens(eval_data_dir, "val", eval_meta, min_tokens=max(eval_block_sizes) + 1)
-    eval_batch_sizes = {
-        T: config.eval_batch_size or max(1, config.batch_size * config.block_size // T) for T in eval_block_sizes
-    }
-    iter_num = checkpoint["iter_num"] if checkpoint else 0
-    tokens_seen = checkpoint["tokens_seen"] if checkpoint else 0
-    best_val_loss = checkpoint["best_val_loss"] if checkpoint else float("inf")
-
-    # ---- logging: rank 0 writes out_dir/log.jsonl and, if enabled, wandb ----
-    log_path, wandb_run = None, None
-    if master:
-        os.makedirs(config.out_dir, exist_ok=True)
-        log_path = os.path.join(config.out_dir, "log.jsonl")
-        if config.init_from != "resume" and not config.eval_only:
-            open(log_path, "w").close()  # a fresh run starts a fresh log
-        elif not config.eval_only:
-            drop_log_lines_after(log_path, iter_num)
-        if config.wandb_log:
-            try:
-                import wandb
-            except ImportError:
-                raise TrainError("wandb_log=True needs wandb: `pip install wandb`, or leave wandb_log off") from None
-            wandb_run = wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=asdict(config))
-    log = make_log(log_path, wandb_run)
-    # each invocation (fresh, resumed, eval-only) records its settings, so a log says how its numbers were made
-    log(
-        {
-            "iter": iter_num,
-            "tokens": tokens_seen,
-            "config": asdict(config),
-            "model_args": asdict(model_config),
-            "world_size": world_size,
-        }
-    )
-
-    def run_evaluation(eval_iters: int) -> dict[int, float]:
-        by_position = evaluate_by_position(raw_model, val_tokens, eval_block_sizes, eval_iters, eval_batch_sizes, dtype)
-        losses = {T: float(position_losses.mean()) for T, position_losses in by_position.items()}
-        metrics = {f"{config.eval_tag}/loss@{T}": loss for T, loss in losses.items()}
-        print0(f"iter {iter_num}: " + ", ".join(f"{key} {loss:.4f}" for key, loss in metrics.items()))
-        for T, position_losses in by_position.items():
-            buckets = position_buckets(T, eval_block_sizes)
-            if len(buckets) > 1:  # one bucket would repeat loss@T
-                for lo, hi in buckets:
-                    metrics[f"{config.eval_tag}/loss@{T}/pos{lo}-{hi}"] = float(position_losses[lo:hi].mean())
-        log({"iter": iter_num, "tokens": tokens_seen, **metrics})
-        return losses
-
-    def finish(train_loss=None, val_losses=None) -> dict:
-        """Close wandb; the run's summary."""
-        if wandb_run is not None:
-            wandb_run.finish()
-        return {
-            "iter_num": iter_num,
-            "train_loss": train_loss,
-            "val_losses": val_losses or {},
-            "best_val_loss": best_val_loss,
-            "tokens_seen": tokens_seen,
-            "out_dir": config.out_dir,
-        }
-
-    if config.eval_only:
-        return finish(val_losses=run_evaluation(config.final_eval_iters or config.eval_iters))
-
-    # ---- training state ----
-    train_tokens = open_tokens(config.data_dir, "train", train_meta, min_tokens=config.block_size + 1)
-    optimizer = raw_model.configure_optimizers(
-        config.weight_decay, config.learning_rate, (config.beta1, config.beta2), device_type
-    )
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
-    if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        saved_rng = checkpoint["rng"]["ranks"]
-        if len(saved_rng) == world_size:
-            set_rng_state(saved_rng[rank])
-        else:
-            print0(f"note: checkpoint from {len(saved_rng)} processes, now {world_size}: dropout RNG restarts")
-    checkpoint = None  # free the loaded tensors
-    train_model = torch.compile(raw_model) if config.compile else raw_model
-    if ddp:
-        # DDP keeps its process group alive until the interpreter exits (torch 2.13), and on gloo that keeps the
-        # group's worker threads too; one still freeing the tensors of our own collectives (loss, evaluation, RNG
-        # gather) while Python shuts down aborts a finished run. So on gloo DDP gets a group of its own and the
-        # default group is torn down in main(). On NCCL, destroy_process_group shuts the communicators down
-        # itself, so one group serves (untested here: we had no multi-GPU machine).
-        ddp_group = dist.new_group(backend="gloo") if device_type == "cpu" else None
-        device_ids = [torch.cuda.current_device()] if device_type == "cuda" else None
-        train_model = DDP(train_model, device_ids=device_ids, process_group=ddp_group)
-
-    def get_batch(it: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Inputs and targets of global micro-step `micro_step` of optimizer step `it`. The windows come from a
-        generator seeded by (seed, it, micro_step) alone, not by the rank or by any state: W processes that each
-        take G / W of the G global micro-steps see exactly the windows that one process with G micro-steps
-        sees, so any world size gives the same training, and a resumed run continues the same stream from
-        iter_num alone (it is the data generator's whole state).
-        """
-        generator = np.random.default_rng((config.seed, it, micro_step))
-        starts = generator.integers(0, len(train_tokens) - config.block_size, size=config.batch_size)
-        windows = windows_to_tensor(train_tokens, starts, config.block_size + 1, device)
-        return windows[:, :-1], windows[:, 1:]
-
-    def save(reason: str):
-        """Every rank calls this (to gather its RNG state); rank 0 writes."""
-        rng = [rng_state()]
-        if ddp:
-            rng = [None] * world_size
-            dist.all_gather_object(rng, rng_state())
-        if master:
-            state = {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "model_args": asdict(model_config),
-                "config": asdict(config),
-                "iter_num": iter_num,
-                "tokens_seen": tokens_seen,
-                "best_val_loss": best_val_loss,
-                "meta": train_meta,
-                "rng": {"ranks": rng},  # per rank: python, numpy, torch, cuda; data windows follow iter_num
-            }
-            save_checkpoint(state, ckpt_path)
-            print0(f"saved {ckpt_path} at iter {iter_num} ({reason})")
-
-    print0(
-        f"{tokens_per_iter:,} tokens per optimizer step = {config.gradient_accumulation_steps} micro-steps "
-        f"({local_micro_steps} on each of {world_size} processes) x {config.batch_size} x {config.block_size}"
-    )
-    val_losses = run_evaluation(config.eval_iters) if iter_num == 0 else None
-    train_loss = None
-    first_micro_step = rank * local_micro_steps  # this rank's share of the global micro-steps
-    x, y = get_batch(iter_num, first_micro_step)
-    last_log_time, last_log_iter = time.perf_counter(), iter_num
-    while iter_num < config.max_iters:
-        lr = get_lr(iter_num, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(local_micro_steps):
-            last_micro_step = micro_step == local_micro_steps - 1
-            # DDP all-reduces gradients in backward; only the last micro-step's backward needs to
-            sync = train_model.no_sync() if ddp and not last_micro_step else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = train_model(x, y, return_logits=False)
-                # fetch the next micro-batch while the device works on this one
-                next_iter, next_micro_step = (iter_num + 1, 0) if last_micro_step else (iter_num, micro_step + 1)
-                x, y = get_batch(next_iter, first_micro_step + next_micro_step)
-                scaler.scale(loss / local_micro_steps).backward()
-            loss_sum += loss.detach()
-
-        # One all-reduce per step carries the loss (for the log and the divergence check) and the stop flag,
-        # so all ranks agree on both. Waiting for it costs little: a step is many micro-steps long.
-        loss_and_stop = torch.stack([loss_sum / local_micro_steps, loss_sum.new_tensor(stop_requested.is_set())])
-        if ddp:
-            dist.all_reduce(loss_and_stop)
-        loss_total, stop_votes = loss_and_stop.tolist()
-        train_loss, stop = loss_total / world_size, stop_votes > 0
-        if not math.isfinite(train_loss):
-            raise TrainError(
-                f"loss is {train_loss} at iter {iter_num + 1}: training stopped, {ckpt_path} left as it was "
-                f"(resume it with --init_from=resume, perhaps with a lower --learning_rate)"
-            )
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        tokens_seen += tokens_per_iter
-
-        if iter_num % config.log_interval == 0 and master:
-            if device_type == "cuda":
-                torch.cuda.synchronize()  # the clock reads finished work; only on log steps, not every step
-            now = time.perf_counter()
-            step_time = (now - last_log_time) / (iter_num - last_log_iter)
-            last_log_time, last_log_iter = now, iter_num
-            tokens_per_s = tokens_per_iter / step_time
-            mfu = raw_model.estimate_mfu(tokens_per_s / world_size, seq_len=config.block_size)  # per GPU
-            print(
-                f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {step_time * 1000:.1f} ms/step, "
-                f"{tokens_per_s:,.0f} tokens/s, mfu {'-' if mfu is None else f'{mfu:.1%}'}"
-            )
-            log(
-                {
-                    "iter": iter_num,
-                    "tokens": tokens_seen,
-                    "train/loss": train_loss,
-                    "lr": lr,
-                    "ms_per_step": step_time * 1000,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": mfu,
-                }
-            )
-
-        finished = iter_num == config.max_iters
-        if iter_num % config.eval_interval == 0 or finished:
-            val_losses = run_evaluation(
-                config.final_eval_iters if finished and config.final_eval_iters else config.eval_iters
-            )
-            val_loss = val_losses[max(eval_block_sizes)]  # the longest context is the one SLA is about
-            improved = val_loss < best_val_loss
-            best_val_loss = min(best_val_loss, val_loss)
-            if improved or config.always_save_checkpoint or finished or stop:
-                save("end of training" if finished else "evaluation")
-            last_log_time, last_log_iter = time.perf_counter(), iter_num  # ms/step: training steps only
-        elif stop:
-            save("stop requested")
-        if stop:
-            print0(f"stopped at iter {iter_num}; continue with --init_from=resume")
-            break
-    return finish(train_loss, val_losses)
-
-
 if __name__ == "__main__":
     try:
-        main(parse_cli(TrainConfig))
+        main(*parse_cli_explicit(TrainConfig))
     except TrainError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

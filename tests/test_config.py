@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from configurator import ConfigError, parse_config
+from configurator import ConfigError, explicit_values, parse_cli_explicit, parse_config
 from train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +98,18 @@ def test_unknown_train_key_suggests_the_close_ones():
 def test_bad_config_files_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(Example, [write(tmp_path, text)])
+
+
+def test_explicit_keys_are_those_of_config_files_and_arguments(tmp_path):
+    path = write(tmp_path, "steps = 4\nrate = 1\n")
+    assert explicit_values(Example, [path, "--name=x", "--flag"]) == {
+        "steps": 4,
+        "rate": 1.0,
+        "name": "x",
+        "flag": True,
+    }
+    config, keys = parse_cli_explicit(Example, [path, "--steps=10"])
+    assert config == Example(steps=10, rate=1.0) and keys == {"steps", "rate"}  # steps=10 is the default, yet given
 
 
 def test_config_error_is_a_value_error():

@@ -1,10 +1,13 @@
 """train.py on CPU with tiny models on byte-level OpenWebText-sample data: learning, DDP equivalence, exact
 resume (also from DDP to DDP and to one process), SIGTERM, divergence, data errors, eval-only runs and wandb."""
 
+import concurrent.futures
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +19,7 @@ import pytest
 import torch
 from conftest import write_byte_data
 
+from configurator import ConfigError, parse_config
 from train import (
     TrainConfig,
     TrainError,
@@ -25,6 +29,8 @@ from train import (
     model_from_checkpoint,
     open_tokens,
     position_buckets,
+    save_checkpoint,
+    windows_to_tensor,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,22 +139,32 @@ def test_resume_continues_exactly(byte_data, tmp_path):
     assert_losses_match(val_losses(tmp_path / "resumed"), val_losses(tmp_path / "reference"), tol=1e-6)
 
 
-def test_sigterm_saves_and_resumes_to_the_same_losses(byte_data, tmp_path):
-    settings = tiny(byte_data, tmp_path / "stopped", dropout=0.1, max_iters=100_000, eval_interval=100_000)
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *cli(settings)], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True
-    )
+def train_until_sigterm(command: list[str], after_line: str) -> str:
+    """Run train.py's command, send SIGTERM once it prints a line starting with after_line; its stdout."""
+    process = subprocess.Popen(command, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True)
     for line in process.stdout:
-        if line.startswith("iter 1:"):
+        if line.startswith(after_line):
             process.send_signal(signal.SIGTERM)
             break
     output = process.stdout.read()
     assert process.wait(timeout=60) == 0
+    return output
+
+
+def test_sigterm_saves_and_resumes_to_the_same_losses(byte_data, tmp_path):
+    settings = tiny(byte_data, tmp_path / "stopped", dropout=0.1, max_iters=100_000, eval_interval=100_000)
+    output = train_until_sigterm([sys.executable, "train.py", *cli(settings)], "iter 1:")
     stopped_at = load_checkpoint(str(tmp_path / "stopped"))["iter_num"]
     assert 1 <= stopped_at < 100 and f"stopped at iter {stopped_at}" in output
 
-    main(TrainConfig(**{**settings, "init_from": "resume", "max_iters": stopped_at + 3}))
-    main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "reference"), "max_iters": stopped_at + 3}))
+    # the hint, run as printed (without the config: the checkpoint holds it), continues the same run
+    (hint,) = re.findall(r"continue with: (python train.py .*) \(the checkpoint", output)
+    command = [sys.executable, *hint.split()[1:]]
+    assert command[1:] == ["train.py", f"--out_dir={tmp_path / 'stopped'}", "--init_from=resume"]
+    train_until_sigterm(command, f"iter {stopped_at + 2}:")
+    resumed_to = load_checkpoint(str(tmp_path / "stopped"))["iter_num"]
+    assert resumed_to >= stopped_at + 2
+    main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "reference"), "max_iters": resumed_to}))
     assert_losses_match(train_losses(tmp_path / "stopped"), train_losses(tmp_path / "reference"), tol=1e-6)
 
 
@@ -243,7 +259,7 @@ def test_init_from_a_hugging_face_gpt2_folder_with_sla(byte_data, tmp_path):
     assert model_args["block_size"] == 64 and model_args["n_head"] == 4 and model_args["sla"]  # cropped to 64
     assert summary["iter_num"] == 2 and math.isfinite(summary["val_losses"][64])
     with pytest.raises(TrainError, match=r"has 128 positions; set --block_size to at most that"):
-        main(TrainConfig(**{**settings, "block_size": 256}))
+        main(TrainConfig(**{**settings, "block_size": 256, "overwrite": True}))
 
 
 def test_val_shorter_than_eval_window_is_an_error(byte_data, tmp_path):
@@ -269,3 +285,235 @@ def test_wandb_offline_run_logs_the_same_metrics(byte_data, tmp_path):
     records = run_file.read_bytes()  # protobuf records: the logged keys appear as plain strings
     for key in ("train/loss", "val/loss@64", "tokens_per_s", "learning_rate"):
         assert key.encode() in records, key
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def base_run(byte_data, out_dir, **overrides) -> dict:
+    """A finished 4-step run with a checkpoint at iter 4; its settings."""
+    settings = tiny(byte_data, out_dir, max_iters=4, eval_interval=2, **overrides)
+    main(TrainConfig(**settings))
+    return settings
+
+
+def test_a_non_finite_validation_loss_never_reaches_the_checkpoint(byte_data, tmp_path):
+    settings = base_run(byte_data, tmp_path)
+    diverging = {**settings, "init_from": "resume", "learning_rate": 1e6, "max_iters": 60, "eval_interval": 1}
+    with pytest.raises(TrainError, match=r"is nan at iter (\d+): training stopped, .*ckpt.pt \(iter (\d+)\) left") as e:
+        main(TrainConfig(**diverging))
+    saved_iter = int(re.search(r"\(iter (\d+)\) left as it was", str(e.value)).group(1))
+    checkpoint = load_checkpoint(str(tmp_path))
+    assert checkpoint["iter_num"] == saved_iter  # the message says what the checkpoint holds
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_takes_the_checkpoint_config_and_the_given_keys(byte_data, tmp_path, owt_jsonl, capsys):
+    """As `python train.py --out_dir=X --init_from=resume` does: every key not given comes from the checkpoint."""
+    base_run(byte_data, tmp_path / "run", dropout=0.1)
+    reference = tiny(byte_data, tmp_path / "reference", dropout=0.1, max_iters=6, eval_interval=2)
+    main(TrainConfig(**reference))
+    resume = TrainConfig(out_dir=str(tmp_path / "run"), init_from="resume", max_iters=6)
+    summary = main(resume, explicit_keys={"out_dir", "init_from", "max_iters"})
+    assert summary["iter_num"] == 6 and "no longer an exact continuation" not in capsys.readouterr().out
+    assert_losses_match(train_losses(tmp_path / "run"), train_losses(tmp_path / "reference"), tol=1e-6)
+
+    other_data = write_byte_data(tmp_path / "other", [json.loads(line)["text"] for line in owt_jsonl.open()][:50])
+    eval_only = TrainConfig(
+        out_dir=str(tmp_path / "run"), init_from="resume", eval_only=True, eval_data_dir=str(other_data)
+    )
+    summary = main(eval_only, explicit_keys={"out_dir", "init_from", "eval_only", "eval_data_dir"})
+    assert summary["val_losses"].keys() == {64}
+
+    # a key that changes the training is a note, one that changes the architecture an error
+    changed = {"out_dir": str(tmp_path / "run"), "init_from": "resume", "max_iters": 7, "learning_rate": 1e-4}
+    main(TrainConfig(**changed), explicit_keys=set(changed))
+    assert "learning_rate=0.0001 (was 0.003): the run is no longer an exact continuation" in capsys.readouterr().out
+    with pytest.raises(TrainError, match=r"--block_size=1024 differs from the checkpoint's block_size=64"):
+        main(TrainConfig(out_dir=str(tmp_path / "run"), init_from="resume"), explicit_keys={"block_size"})
+
+
+def test_a_damaged_log_line_does_not_block_resume(byte_data, tmp_path, capsys):
+    settings = base_run(byte_data, tmp_path)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"iter": 5, "tokens": 2560, "train/lo')  # cut off by a kill or a full disk
+    main(TrainConfig(**{**settings, "init_from": "resume", "max_iters": 6}))
+    assert "dropped 1 damaged line(s)" in capsys.readouterr().out
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]  # every line is JSON again
+
+
+def write_damaged_checkpoints(good: Path, folder: Path) -> dict[str, Path]:
+    """Damaged copies of the checkpoint good, one folder per kind of damage."""
+    data = good.read_bytes()
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    contents = {
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "zeros": bytes(len(data)),
+        "random": np.random.default_rng(0).bytes(4096),
+    }
+    paths = {}
+    for kind in (*contents, "bare_state_dict", "pickle_with_code"):
+        paths[kind] = folder / kind
+        paths[kind].mkdir()
+        if kind in contents:
+            (paths[kind] / "ckpt.pt").write_bytes(contents[kind])
+        elif kind == "bare_state_dict":
+            torch.save(torch.load(good, weights_only=True)["model"], paths[kind] / "ckpt.pt")
+        else:
+            torch.save({"model": Exploit()}, paths[kind] / "ckpt.pt")
+    return paths
+
+
+def test_a_damaged_checkpoint_is_one_clear_error(byte_data, tmp_path):
+    settings = base_run(byte_data, tmp_path / "run")
+    damaged = write_damaged_checkpoints(tmp_path / "run" / "ckpt.pt", tmp_path)
+    messages = {
+        "truncated": r"is damaged or cut off .*not a complete torch.save archive",
+        "empty": r"is damaged or cut off",
+        "zeros": r"is damaged or cut off",
+        "random": r"is damaged or cut off",
+        "bare_state_dict": r"is not a checkpoint that train.py wrote: it has no model, model_args, meta",
+        "pickle_with_code": r"holds Python objects other than tensors .* not a checkpoint that train.py wrote",
+    }
+    for kind, out_dir in damaged.items():
+        for eval_only in (False, True):
+            with pytest.raises(TrainError, match=messages[kind]) as error:
+                main(
+                    TrainConfig(**{**settings, "out_dir": str(out_dir), "init_from": "resume", "eval_only": eval_only})
+                )
+            assert str(out_dir / "ckpt.pt") in str(error.value) and "weights_only=False" not in str(error.value)
+    # on the command line: one line, exit 1
+    result = subprocess.run(
+        [sys.executable, "train.py", f"--out_dir={damaged['zeros']}", "--init_from=resume", "--eval_only"],
+        cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {damaged['zeros'] / 'ckpt.pt'} is damaged")
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_full_disk_names_the_folder_and_keeps_the_last_checkpoint(byte_data, tmp_path):
+    settings = base_run(byte_data, tmp_path)
+    before = sha256(tmp_path / "ckpt.pt")
+    # this process's temporary checkpoint goes to /dev/full, where every write fails with ENOSPC
+    temp_path = tmp_path / f"ckpt.pt.{os.getpid()}.tmp"
+    temp_path.symlink_to("/dev/full")
+    with pytest.raises(TrainError, match=rf"cannot save ckpt.pt in {tmp_path}: No space left on device; .*left as"):
+        main(TrainConfig(**{**settings, "init_from": "resume", "max_iters": 6}))
+    assert not temp_path.exists() and not temp_path.is_symlink()  # the temporary file is removed
+    assert sha256(tmp_path / "ckpt.pt") == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_dir_is_named(byte_data, tmp_path):
+    settings = base_run(byte_data, tmp_path / "run")
+    os.chmod(tmp_path / "run", 0o555)
+    try:
+        with pytest.raises(TrainError, match=r"cannot write to out_dir .*run: Permission denied"):
+            main(TrainConfig(**{**settings, "init_from": "resume", "max_iters": 6}))
+    finally:
+        os.chmod(tmp_path / "run", 0o755)
+
+
+def test_an_out_dir_that_cannot_be_made_is_named(byte_data, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(TrainError, match=r"cannot write to out_dir .*a_file/run: Not a directory"):
+        main(TrainConfig(**tiny(byte_data, tmp_path / "a_file" / "run")))
+
+
+def save_many(path: str) -> int:
+    checkpoint = {"weights": torch.randn(200_000)}
+    for _ in range(30):
+        save_checkpoint(checkpoint, path)
+    return os.getpid()
+
+
+def test_two_processes_saving_one_checkpoint_both_succeed(tmp_path):
+    """Two runs on one out_dir write their own temporary files: neither renames the other's away."""
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
+        pids = list(pool.map(save_many, [str(tmp_path / "ckpt.pt")] * 2))
+    assert len(set(pids)) == 2
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["weights"].shape == (200_000,)
+    assert [path.name for path in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_a_fresh_run_into_an_existing_run_is_refused_unless_overwrite(byte_data, tmp_path):
+    settings = base_run(byte_data, tmp_path)
+    before = sha256(tmp_path / "ckpt.pt"), (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(
+        TrainError, match=r"already holds a run \(ckpt.pt, log.jsonl\): .*--init_from=resume.*--overwrite"
+    ):
+        main(TrainConfig(**settings))
+    assert (sha256(tmp_path / "ckpt.pt"), (tmp_path / "log.jsonl").read_text()) == before
+    main(TrainConfig(**{**settings, "max_iters": 2, "overwrite": True}))
+    assert load_checkpoint(str(tmp_path))["iter_num"] == 2 and sorted(train_losses(tmp_path)) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("id_beyond_vocab", r"train.bin holds token id 300, but .*meta.json declares vocab_size 257"),
+        ("empty_val", r"val.bin is empty"),
+        ("odd_bytes", r"train.bin is \d+ bytes, not a whole number of uint16 tokens"),
+        ("cut_meta", r"meta.json is not valid JSON"),
+        ("short_train", r"train.bin holds \d+ tokens, but .*meta.json records \d+"),
+    ],
+)
+def test_data_that_contradicts_its_meta_is_caught_before_training(byte_data, tmp_path, damage, message):
+    data = tmp_path / "data"
+    shutil.copytree(byte_data, data)
+    if damage == "id_beyond_vocab":
+        tokens = np.fromfile(data / "train.bin", dtype=np.uint16)
+        tokens[len(tokens) // 2] = 300
+        tokens.tofile(data / "train.bin")
+    elif damage == "empty_val":
+        (data / "val.bin").write_bytes(b"")
+    elif damage == "odd_bytes":
+        (data / "train.bin").write_bytes((data / "train.bin").read_bytes() + b"\0")
+    elif damage == "cut_meta":
+        (data / "meta.json").write_text((data / "meta.json").read_text()[:40])
+    else:
+        (data / "train.bin").write_bytes((data / "train.bin").read_bytes()[:-2])
+    with pytest.raises(TrainError, match=message):
+        main(TrainConfig(**tiny(data, tmp_path / "out")))
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_batches_check_token_ids_that_the_spot_check_did_not_read(tmp_path):
+    tokens = np.zeros(1000, dtype=np.uint16)
+    tokens[500] = 999
+    tokens.tofile(tmp_path / "train.bin")
+    memmap = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
+    assert windows_to_tensor(memmap, [0, 600], 100, "cpu", vocab_size=257).shape == (2, 100)
+    with pytest.raises(TrainError, match=r"train.bin holds token id 999, beyond the vocabulary of 257"):
+        windows_to_tensor(memmap, [450], 100, "cpu", vocab_size=257)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--eval_block_sizes=0"], "eval_block_sizes must be context lengths >= 1, got (0,)"),
+        (["--eval_block_sizes=-5"], "eval_block_sizes must be context lengths >= 1, got (-5,)"),
+        (["--eval_batch_size=-1"], "eval_batch_size must be >= 0, got -1"),
+        (["--learning_rate=nan"], "learning_rate must be >= 0, got nan"),
+        (["--dropout=1"], "dropout must be in [0, 1), got 1.0"),
+        (["--device=gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ],
+)
+def test_bad_values_are_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(TrainConfig, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_config_error_on_the_command_line():
+    result = subprocess.run([sys.executable, "train.py", "--device=cuda"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == "error: device 'cuda', but torch sees no CUDA GPU: use --device=cpu (or auto)\n"

@@ -1,0 +1,117 @@
+"""
+The checkpoint file that train.py writes and train.py, sample.py and bench.py read: one dict saved with torch.save
+and loaded with torch.load(weights_only=True), so a file from elsewhere can hold no code that runs.
+
+Keys: model (the bare model's state dict), model_args (GPTConfig's fields), meta (the training data's meta.json,
+tokenizer included), and for resuming: optimizer, scaler, config, iter_num, tokens_seen, best_val_loss and rng
+(each rank's RNG states; the data windows follow from iter_num). train.py's training_state() builds it.
+"""
+
+import os
+import pickle
+import random
+import zipfile
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig
+
+READ_KEYS = ("model", "model_args", "meta")  # what any reader needs; resuming needs RESUME_KEYS as well
+RESUME_KEYS = ("optimizer", "scaler", "config", "iter_num", "tokens_seen", "best_val_loss", "rng")
+
+
+class TrainError(RuntimeError):
+    """A problem the user fixes (data, settings, files, divergence); the message says how. CLI: printed, exit 1."""
+
+
+def save_checkpoint(checkpoint: dict, path: str):
+    """
+    Atomic: written to a temporary file beside path, then renamed over it, so a crash while writing leaves the
+    previous checkpoint as it was. The temporary file is named by process, so two runs on one out_dir never
+    write the same one. A failed write (full disk, read-only folder) removes it and raises a TrainError.
+    """
+    temp_path = f"{path}.{os.getpid()}.tmp"
+    try:
+        # through a Python file, so a failed write raises OSError with its cause (torch's own writer says only
+        # "iostream error")
+        with open(temp_path, "wb") as f:
+            torch.save(checkpoint, f)
+        os.replace(temp_path, path)
+    except OSError as err:
+        try:
+            os.remove(temp_path)
+        except FileNotFoundError:
+            pass
+        folder = os.path.dirname(os.path.abspath(path))
+        kept = f"{path} left as it was" if os.path.exists(path) else f"no {os.path.basename(path)} written"
+        raise TrainError(
+            f"cannot save {os.path.basename(path)} in {folder}: {err.strerror or err}; {kept}. "
+            f"Free space or make the folder writable, then resume with --init_from=resume"
+        ) from None
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint that train.py wrote (a path, or a run's folder holding ckpt.pt), checked to have READ_KEYS."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise TrainError(
+            f"no checkpoint at {path}: train one first (python train.py --out_dir={os.path.dirname(path)} ...), "
+            f"or pass --out_dir=<a run's folder with ckpt.pt>"
+        )
+    damaged = f"{path} is damaged or cut off (a full disk, a killed copy?): restore it from a copy, or train again"
+    # torch.save writes a zip archive; anything else (empty, zero-filled, truncated, random bytes) is no checkpoint
+    if not zipfile.is_zipfile(path):
+        raise TrainError(f"{damaged} (not a complete torch.save archive)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainError(
+            f"{path} holds Python objects other than tensors and plain values, which a weights-only load refuses "
+            f"(they could run code): it is not a checkpoint that train.py wrote"
+        ) from None
+    except Exception as err:  # a damaged archive fails in many ways; the message names the file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainError(f"{damaged} ({reason})") from None
+    missing = [key for key in READ_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise TrainError(
+            f"{path} is not a checkpoint that train.py wrote: it has no {', '.join(missing)} "
+            f"(a bare state dict?); train.py saves a dict with {', '.join(READ_KEYS + RESUME_KEYS)}"
+        )
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
+    """The GPT of a checkpoint, weights loaded; overrides change GPTConfig fields that keep the shapes (dropout)."""
+    try:
+        model = GPT(GPTConfig(**{**checkpoint["model_args"], **overrides}))
+        # train.py saves the bare model; a torch.compile'd module's state dict has its keys prefixed
+        model.load_state_dict({key.removeprefix("_orig_mod."): value for key, value in checkpoint["model"].items()})
+    except (TypeError, ValueError, RuntimeError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainError(f"the checkpoint's weights do not fit its model_args: {reason}") from None
+    return model
+
+
+def rng_state() -> dict:
+    """This process's RNG states as plain lists and tensors (torch.load(weights_only=True) accepts them)."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_kind, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+
+
+def set_rng_state(state: dict):
+    py_version, py_internal, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_internal), py_gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np.array(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
