@@ -17,18 +17,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from configurator import autocast_context, check_dtype, parse_cli, resolve_device, resolve_dtype
+from checkpoint import TrainError, load_checkpoint, model_from_checkpoint
+from configurator import autocast_context, check_device, check_dtype, parse_cli, resolve_device, resolve_dtype
 from model import GPT
 from prepare_openwebtext import get_tokenizer
-from train import TrainError, load_checkpoint, model_from_checkpoint
+
+MIN_TEMPERATURE = 1e-3  # below it sampling is greedy in effect, and logits / temperature can overflow to inf
 
 
 @dataclass
 class SampleConfig:
     init_from: str = "resume"  # 'resume' (out_dir/ckpt.pt) | 'gpt2' | 'gpt2-medium' | ... | a Hugging Face GPT-2 dir
     out_dir: str = "out"
-    # SLA for GPT-2 weights; None keeps GPTConfig's default. With a checkpoint, only values matching it are allowed.
-    sla: bool = False
+    # SLA for GPT-2 weights; None: not given (GPTConfig's default). With a checkpoint, only its own values are allowed.
+    sla: bool | None = None
     sla_head_ratio: float | None = None
     sla_skip: int | None = None
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
@@ -44,9 +46,12 @@ class SampleConfig:
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 0:
             raise ValueError("num_samples must be >= 1 and max_new_tokens >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE):  # `not`: a nan fails too
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None: the full distribution), got {self.top_k}")
         check_dtype(self.dtype)
+        check_device(self.device)
 
 
 class SampleError(RuntimeError):
@@ -54,12 +59,9 @@ class SampleError(RuntimeError):
 
 
 def requested_sla(config: SampleConfig) -> dict:
-    """
-    The SLA settings given on the command line. --sla counts only when on: off is also its default, so an
-    explicit --sla=False cannot be told from no flag at all.
-    """
-    requested = {"sla": True} if config.sla else {}
-    for key in ("sla_head_ratio", "sla_skip"):
+    """The SLA settings given on the command line (those not None), --sla=False included."""
+    requested = {}
+    for key in ("sla", "sla_head_ratio", "sla_skip"):
         if getattr(config, key) is not None:
             requested[key] = getattr(config, key)
     return requested
@@ -70,6 +72,7 @@ def load_checkpoint_model(config: SampleConfig) -> tuple[GPT, str]:
     path = Path(config.out_dir) / "ckpt.pt"
     try:
         checkpoint = load_checkpoint(str(path))
+        model = model_from_checkpoint(checkpoint)
     except TrainError as err:
         raise SampleError(str(err)) from None
     model_args = checkpoint["model_args"]
@@ -82,13 +85,14 @@ def load_checkpoint_model(config: SampleConfig) -> tuple[GPT, str]:
     tokenizer_name = checkpoint.get("meta", {}).get("tokenizer")
     if tokenizer_name is None:
         raise SampleError(f"{path} records no tokenizer (checkpoint['meta']['tokenizer']); was it made by train.py?")
-    return model_from_checkpoint(checkpoint), tokenizer_name
+    return model, tokenizer_name
 
 
 def load_pretrained_model(config: SampleConfig) -> GPT:
     overrides = requested_sla(config)
-    if overrides and not config.sla:
-        raise SampleError(f"{', '.join(f'--{key}' for key in overrides)} without --sla would change nothing")
+    without_effect = [f"--{key}" for key in overrides if key != "sla"] if not config.sla else []
+    if without_effect:
+        raise SampleError(f"{', '.join(without_effect)} without --sla would change nothing")
     return GPT.from_pretrained(config.init_from, **overrides)
 
 
@@ -118,7 +122,10 @@ def read_prompt(start: str) -> str:
     path = Path(start.removeprefix("FILE:"))
     if not path.is_file():
         raise SampleError(f"prompt file {path} not found (from --start={start})")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SampleError(f"prompt file {path} (from --start={start}) is not UTF-8 text: byte {err.start}") from None
 
 
 def main(config: SampleConfig) -> list[str]:
@@ -160,7 +167,11 @@ def main(config: SampleConfig) -> list[str]:
         print("-" * 80)
     new_tokens = config.num_samples * config.max_new_tokens
     note = ", compilation included" if config.compile else ""
-    print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s ({device}, {dtype}{note})")
+    # statistics on stderr: `sample.py > out.txt` keeps just the text
+    print(
+        f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s ({device}, {dtype}{note})",
+        file=sys.stderr,
+    )
     return samples
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sample
+from configurator import ConfigError, parse_config
 from model import GPT, GPTConfig
 from sample import SampleConfig, SampleError
 
@@ -54,8 +55,9 @@ def test_samples_continue_the_prompt_and_the_seed_decides_them(tmp_path, capsys)
     assert first[0] != first[1]  # one generator runs on from sample to sample
     assert sample.main(config(out_dir, start="Hello", seed=1)) == first
     assert sample.main(config(out_dir, start="Hello", seed=2)) != first
-    printed = capsys.readouterr().out
-    assert first[0] in printed and "-" * 80 in printed and "tokens/s" in printed
+    printed = capsys.readouterr()
+    assert first[0] in printed.out and "-" * 80 in printed.out
+    assert "tokens/s" in printed.err and "tokens/s" not in printed.out  # `sample.py > out.txt` is just the text
 
 
 def test_padding_ids_are_never_sampled(tmp_path):
@@ -87,6 +89,8 @@ def test_greedy_is_deterministic_and_sla_flags_matching_the_checkpoint_are_fine(
         (dict(), dict(start="FILE:/no/such/prompt.txt"), "prompt file /no/such/prompt.txt not found"),
         (dict(meta={**BYTE_META, "tokenizer": "sentencepiece"}), dict(), "tokenizer 'sentencepiece'"),
         (dict(sla=False), dict(sla=True), "--sla=True differs from the checkpoint's sla=False"),
+        (dict(sla=True), dict(sla=False), "--sla=False differs from the checkpoint's sla=True"),
+        (dict(), dict(start="FILE:/bin/sh"), "prompt file /bin/sh (from --start=FILE:/bin/sh) is not UTF-8 text"),
         (dict(sla_skip=1), dict(sla_skip=2), "--sla_skip=2 differs from the checkpoint's sla_skip=1"),
         (dict(), dict(sla_head_ratio=0.5), "--sla_head_ratio=0.5 differs"),
     ],
@@ -125,7 +129,7 @@ def test_gpt2_weights_with_sla(tiny_hf_gpt2, tiktoken_cache, capsys):
     assert model.config.sla and model.config.sla_skip == 1 and model.config.n_skip_heads == 3
     samples = sample.main(sla_config)
     assert len(samples) == 2 and all(text.startswith("The cat") for text in samples)
-    assert "tokens/s" in capsys.readouterr().out
+    assert "tokens/s" in capsys.readouterr().err
 
     with pytest.raises(SampleError, match="--sla_skip without --sla would change nothing"):
         sample.main(config(tiny_hf_gpt2, init_from=str(tiny_hf_gpt2), sla_skip=1))
@@ -149,3 +153,44 @@ def test_checkpoint_trained_by_train_py(tmp_path):
 
     (text,) = sample.main(config(tmp_path / "out", start="the quick", num_samples=1, temperature=0.0))
     assert text.startswith("the quick") and len(text) == len("the quick") + 24
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--top_k=0"], "top_k must be >= 1"),
+        (["--top_k=-1"], "top_k must be >= 1"),
+        (["--temperature=1e-45"], "temperature must be 0 (greedy) or >= 0.001"),
+        (["--temperature=-1"], "temperature must be 0 (greedy) or >= 0.001"),
+        (["--temperature=nan"], "temperature must be 0 (greedy) or >= 0.001"),
+        (["--device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_values_are_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(SampleConfig, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_config_error_on_the_command_line(tmp_path):
+    result = run_sample(f"--out_dir={save_checkpoint(tmp_path / 'run')}", "--device=cuda")
+    assert result.returncode == 2
+    assert result.stderr == "error: device 'cuda', but torch sees no CUDA GPU: use --device=cpu (or auto)\n"
+
+
+def run_sample(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def test_damaged_checkpoint_is_one_error_line(tmp_path):
+    out_dir = save_checkpoint(tmp_path / "run")
+    data = (out_dir / "ckpt.pt").read_bytes()
+    (out_dir / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    result = run_sample(f"--out_dir={out_dir}", "--device=cpu")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"error: {out_dir / 'ckpt.pt'} is damaged or cut off (a full disk, a killed copy?): restore it from a copy, "
+        f"or train again (not a complete torch.save archive)\n"
+    )
+    assert result.stdout == ""
