@@ -6,7 +6,8 @@
 #
 # Corpus: the Python sources in this Python's site-packages (gpt2 tokens, validation split by file), and every
 # final model is also scored on OpenWebText documents (OWT_JSONL). A run whose log already sits in
-# results/sla-vs-plain/ is skipped, so the script resumes across GPU sessions; new logs go to $LOG_DEST
+# results/sla-vs-plain/ is skipped, so the script resumes across GPU sessions (a run cut off before its log was
+# copied there starts afresh: --overwrite=True); new logs go to $LOG_DEST
 # (default results/sla-vs-plain). Needs datasets (prepare) and TIKTOKEN_CACHE_DIR offline.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -38,7 +39,7 @@ for run in $RUNS; do
     echo "== $name"
     sla_flag=$([ "$variant" = sla ] && echo --sla || echo --sla=False)
     $PYTHON train.py config/sla_vs_plain.py --block_size="$context" --batch_size=$((16384 / context)) \
-        --seed="$seed" "$sla_flag" --data_dir="$WORK/pysrc" --out_dir="$WORK/$name" $EXTRA_ARGS
+        --seed="$seed" "$sla_flag" --data_dir="$WORK/pysrc" --out_dir="$WORK/$name" --overwrite=True $EXTRA_ARGS
     # the final model on OpenWebText: same context lengths, logged as owt/loss@T in the same log
     $PYTHON train.py config/sla_vs_plain.py --block_size="$context" --batch_size=$((16384 / context)) \
         "$sla_flag" --out_dir="$WORK/$name" --init_from=resume --eval_only --eval_data_dir="$WORK/owt" --eval_tag=owt $EXTRA_ARGS

@@ -856,8 +856,9 @@ def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
 
         # stop
         if stop:
+            launcher = "torchrun <its options> train.py" if run.ddp else "python train.py"
             run.print(
-                f"stopped at iter {progress.iter_num}; continue with: python train.py --out_dir={config.out_dir} "
+                f"stopped at iter {progress.iter_num}; continue with: {launcher} --out_dir={config.out_dir} "
                 f"--init_from=resume (the checkpoint holds the rest of the config)"
             )
             break

@@ -114,6 +114,31 @@ def test_ddp_two_processes_match_one_with_same_global_batch(byte_data, tmp_path)
     assert_losses_match(val_losses(tmp_path / "two"), val_losses(tmp_path / "one"), tol=1e-5)
 
 
+def test_sigterm_to_torchruns_workers_saves_and_exits_0(byte_data, tmp_path):
+    """As the README says: SIGTERM to the workers stops the run gracefully (all save once, torchrun exits 0);
+    SIGTERM to torchrun itself also saves (torchrun passes it on), but torchrun exits 1 with a traceback."""
+    settings = tiny(byte_data, tmp_path, max_iters=100_000, eval_interval=100_000)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for target, expected_returncode in (("workers", 0), ("torchrun", 1)):
+        out_dir = tmp_path / target
+        command = [*torchrun, "train.py", *cli({**settings, "out_dir": str(out_dir)})]
+        process = subprocess.Popen(
+            command, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for line in process.stdout:
+            if line.startswith("iter 2:"):
+                break
+        workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(workers) == 2
+        for pid in workers if target == "workers" else [process.pid]:
+            os.kill(int(pid), signal.SIGTERM)
+        output, errors = process.communicate(timeout=60)
+        assert process.returncode == expected_returncode, errors[-3000:]
+        stopped_at = load_checkpoint(str(out_dir))["iter_num"]
+        assert f"stopped at iter {stopped_at}; continue with: torchrun <its options> train.py" in output
+        assert ("SignalException" in errors) == (target == "torchrun")
+
+
 def test_ddp_checkpoint_resumes_under_ddp_and_in_one_process(byte_data, tmp_path):
     reference = tiny(byte_data, tmp_path / "reference", max_iters=6, eval_interval=3)
     main(TrainConfig(**reference))
