@@ -95,6 +95,21 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
     return model
 
 
+PRETRAINED = "'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (from the Hugging Face Hub or HF_HOME's cache)"
+
+
+def pretrained_model(name_or_dir: str, **overrides) -> GPT:
+    """GPT.from_pretrained, its failures (no transformers, an unknown name, offline) as one TrainError."""
+    try:
+        return GPT.from_pretrained(name_or_dir, **overrides)
+    except (OSError, ImportError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainError(
+            f"cannot load GPT-2 weights {name_or_dir!r} ({reason}): give one of {PRETRAINED}, or a Hugging Face "
+            f"GPT-2 folder"
+        ) from None
+
+
 def rng_state() -> dict:
     """This process's RNG states as plain lists and tensors (torch.load(weights_only=True) accepts them)."""
     py_version, py_internal, py_gauss = random.getstate()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from checkpoint import TrainError, load_checkpoint, model_from_checkpoint
+from checkpoint import TrainError, load_checkpoint, model_from_checkpoint, pretrained_model
 from configurator import autocast_context, check_device, check_dtype, parse_cli, resolve_device, resolve_dtype
 from model import GPT
 from prepare_openwebtext import get_tokenizer
@@ -93,7 +93,10 @@ def load_pretrained_model(config: SampleConfig) -> GPT:
     without_effect = [f"--{key}" for key in overrides if key != "sla"] if not config.sla else []
     if without_effect:
         raise SampleError(f"{', '.join(without_effect)} without --sla would change nothing")
-    return GPT.from_pretrained(config.init_from, **overrides)
+    try:
+        return pretrained_model(config.init_from, **overrides)
+    except TrainError as err:
+        raise SampleError(str(err)) from None
 
 
 def load_tokenizer(name: str, source: str):

@@ -37,6 +37,7 @@ from checkpoint import (
     TrainError,
     load_checkpoint,
     model_from_checkpoint,
+    pretrained_model,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -429,9 +430,7 @@ def build_model(config: TrainConfig, checkpoint: dict | None, data_meta: dict) -
     elif config.init_from == "resume":
         model = model_from_checkpoint(checkpoint, dropout=config.dropout)
     else:
-        model = GPT.from_pretrained(
-            config.init_from, block_size=config.block_size, dropout=config.dropout, **sla_settings
-        )
+        model = pretrained_model(config.init_from, block_size=config.block_size, dropout=config.dropout, **sla_settings)
         if model.config.block_size != config.block_size:
             raise TrainError(
                 f"{config.init_from} has {model.config.block_size} positions; set --block_size to at most that"
@@ -790,7 +789,7 @@ def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
     if progress.iter_num == 0:
         progress.val_losses = run_evaluation(run, progress, config.eval_iters)
     elif progress.iter_num >= config.max_iters:
-        run.print(f"iter {progress.iter_num} is max_iters already: nothing to train (raise --max_iters to go on)")
+        run.print(f"at iter {progress.iter_num}, max_iters={config.max_iters}: nothing to train (raise max_iters)")
     first_micro_step = run.rank * run.local_micro_steps  # this rank's share of the global micro-steps
     x, y = get_batch(run, progress.iter_num, first_micro_step)
     clock = StepClock(progress.iter_num)

@@ -261,6 +261,7 @@ def test_evaluation_by_position(byte_data, tmp_path):
         ({"sla_skip": 0}, r"sla_skip must be >= 1"),
         ({"eval_block_sizes": (32, 128)}, r"beyond the model's block_size 64.*--eval_block_sizes"),
         ({"init_from": "resume"}, r"no checkpoint at"),
+        ({"init_from": "/nonexistent/gpt2-folder"}, r"cannot load GPT-2 weights '/nonexistent/gpt2-folder'"),
     ],
 )
 def test_errors_say_what_to_do(byte_data, tmp_path, overrides, message):
