@@ -30,7 +30,7 @@ import torch
 import torch._dynamo
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from configurator import autocast_context, check_dtype, parse_cli, resolve_device, resolve_dtype
+from configurator import autocast_context, check_device, check_dtype, parse_cli, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
 from train import load_meta, open_tokens, windows_to_tensor
 
@@ -124,6 +124,7 @@ class BenchConfig:
         if min(self.warmup_steps, self.decode_tokens, self.profile_steps) < 0 or min(self.timed_steps, self.repeat) < 1:
             raise ValueError("warmup_steps, decode_tokens and profile_steps must be >= 0, timed_steps and repeat >= 1")
         check_dtype(self.dtype)
+        check_device(self.device)
         if self.loss_impl not in ("chunked", "full"):
             raise ValueError(f"loss_impl must be chunked or full, got {self.loss_impl!r}")
         if self.sdpa_backend not in ("auto", *SDPA_BACKENDS):

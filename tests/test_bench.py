@@ -110,6 +110,7 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
         (["--sdpa_backend=fast"], "sdpa_backend must be auto or one of"),
         (["--data=/no/such/data"], "data: /no/such/data/train.bin not found"),
         (["--timed_steps=0"], "timed_steps"),
+        (["--device=cuda:x"], "device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_settings_are_config_errors(argv, message):
