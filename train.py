@@ -410,9 +410,9 @@ def check_run(config: TrainConfig, world_size: int, master: bool):
         )
     try:
         os.makedirs(config.out_dir, exist_ok=True)
-        tempfile_path = os.path.join(config.out_dir, f".write-test-{os.getpid()}")
-        open(tempfile_path, "w").close()
-        os.remove(tempfile_path)
+        probe = os.path.join(config.out_dir, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
     except OSError as err:
         raise TrainError(f"cannot write to out_dir {config.out_dir}: {err.strerror or err}") from None
 
