@@ -74,22 +74,31 @@ parity() {
 
 # Scaling: the README's configs (global batch 0.5M tokens), the same per-GPU micro-batch (4 windows) on 1 and
 # 2 GPUs; 2 GPUs run half the micro-steps each. 8 steps; the first 3 (compilation, warm-up) are not counted.
+# The two one-GPU baselines run at once, one per GPU: two such runs side by side each ran at the speed of one
+# alone (results/ddp/concurrent-1gpu-*.jsonl).
 scaling() {
     prepare
-    local config name
+    local config pid
     for config in small_16k medium_8k; do
-        for gpus in 1 2; do
-            name="scaling-${config}-${gpus}gpu"
-            rm -rf "${WORK:?}/$name"
-            echo "== $name"
-            local launch="$ONE"
-            [ "$gpus" = 2 ] && launch="$TWO"
-            CUDA_VISIBLE_DEVICES=$([ "$gpus" = 2 ] && echo 0,1 || echo 0) $launch "config/train_gpt2_${config}.py" \
-                --sla --data_dir="$DATA" --out_dir="$WORK/$name" --max_iters=8 --log_interval=1 --eval_iters=1 \
-                --eval_interval=1000 --eval_block_sizes=4096 $EXTRA_ARGS
-            cp "$WORK/$name/log.jsonl" "$LOG_DEST/$name.jsonl"
-        done
+        rm -rf "${WORK:?}/scaling-$config-"{1,2}gpu
     done
+    scaling_run small_16k 1 0 &
+    pid=$!
+    scaling_run medium_8k 1 1
+    wait $pid
+    scaling_run small_16k 2 0,1
+    scaling_run medium_8k 2 0,1
+}
+
+scaling_run() {  # config, number of GPUs, CUDA_VISIBLE_DEVICES
+    local name="scaling-$1-${2}gpu" launch="$ONE"
+    [ "$2" = 2 ] && launch="$TWO"
+    echo "== $name"
+    CUDA_VISIBLE_DEVICES=$3 $launch "config/train_gpt2_$1.py" --sla --data_dir="$DATA" --out_dir="$WORK/$name" \
+        --max_iters=8 --log_interval=1 --eval_iters=1 --eval_interval=1000 --eval_block_sizes=4096 $EXTRA_ARGS \
+        > "$WORK/$name.txt" 2>&1 || { cat "$WORK/$name.txt"; return 1; }
+    grep "tokens/s" "$WORK/$name.txt" | tail -n 3
+    cp "$WORK/$name/log.jsonl" "$LOG_DEST/$name.jsonl"
 }
 
 report() {

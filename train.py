@@ -515,6 +515,11 @@ def _run(config: TrainConfig, device: str, ddp: bool, rank: int, stop_requested:
         ddp_group = dist.new_group(backend="gloo") if device_type == "cpu" else None
         device_ids = [torch.cuda.current_device()] if device_type == "cuda" else None
         train_model = DDP(train_model, device_ids=device_ids, process_group=ddp_group)
+        # Under DDP, torch.compile splits the model's graph at every 25 MB gradient bucket (its "DDPOptimizer"), so
+        # that all-reduces overlap backward. We all-reduce once per optimizer step, after several micro-steps, so
+        # there is little to overlap, while the split graph slowed every micro-step: 2 H100s ran at 0.94 (small
+        # 16K) and 0.92 (medium 8K) of twice one GPU's tokens/s (results/ddp/). One graph instead.
+        torch._dynamo.config.optimize_ddp = False
 
     def get_batch(it: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """
