@@ -14,6 +14,7 @@ each layer still computes K and V for all heads, so GPT-2 checkpoints load uncha
 
 import inspect
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -391,8 +392,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def prefill(self, idx, kv_cache: KVCache):
         """Run idx (B, T <= block_size) from position 0 into kv_cache; the float32 logits of its last token (B, V)."""
-        # Not cuDNN: it builds an execution plan per new sequence length, and every prompt brings one.
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        with _sdpa_without_cudnn():
             x = self.hidden_states(idx, kv_cache)
         return self.lm_head(x[:, -1, :]).float()
 
@@ -442,6 +442,23 @@ class GPT(nn.Module):
             next_token = sample_next_token(logits, temperature, top_k, generator)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
+
+
+def _sdpa_without_cudnn():
+    """
+    The enabled SDPA backends but cuDNN, for prompts: cuDNN builds an execution plan per new sequence length, and
+    every prompt brings one. Where cuDNN is the only one enabled (bench.py --sdpa_backend=cudnn), cuDNN it is.
+    """
+    enabled = [
+        backend
+        for backend, is_enabled in (
+            (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+            (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+            (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled),
+        )
+        if is_enabled()
+    ]
+    return sdpa_kernel(enabled) if enabled else nullcontext()
 
 
 def sample_next_token(logits, temperature: float, top_k: int | None = None, generator=None):
