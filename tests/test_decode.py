@@ -182,3 +182,18 @@ def test_compiled_decode_step_with_inductor_matches_eager():
     model.compile_decode_step()
     assert torch.equal(model.generate(prompt, 8, temperature=0), expected)
     torch._dynamo.reset()
+
+
+def test_prompts_leave_out_cudnn_attention_but_keep_a_forced_backend():
+    """cuDNN builds an attention plan per new sequence length: prompts run on the other enabled backends."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import model as model_module
+
+    backends = torch.backends.cuda
+    with model_module._sdpa_without_cudnn():
+        assert not backends.cudnn_sdp_enabled() and backends.flash_sdp_enabled() and backends.math_sdp_enabled()
+    with sdpa_kernel(SDPBackend.MATH), model_module._sdpa_without_cudnn():  # what the user forced stays forced
+        assert backends.math_sdp_enabled() and not backends.flash_sdp_enabled() and not backends.cudnn_sdp_enabled()
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), model_module._sdpa_without_cudnn():  # cuDNN alone: cuDNN it is
+        assert backends.cudnn_sdp_enabled() and not backends.math_sdp_enabled()
