@@ -406,8 +406,8 @@ class GPT(nn.Module):
         """
         Compile decode_step, the function generate runs once per new token, as a whole graph (an error if it
         breaks). Its shapes never change, so it compiles once, whatever the prompt. With inductor on CUDA it runs
-        as a CUDA graph (mode="reduce-overhead"): one launch for the step's few hundred small kernels. backend is
-        torch.compile's.
+        as a CUDA graph (mode="reduce-overhead"): one launch for the step's few hundred small kernels. Call it once
+        the model is on its device; backend is torch.compile's.
         """
         cuda_graphs = backend == "inductor" and self.lm_head.weight.is_cuda
         eager_step = GPT.decode_step.__get__(self)  # the method, even where an earlier call replaced it
