@@ -1,5 +1,5 @@
 """GPU-only checks (skipped without CUDA): SLA through the flash kernel in bf16 agrees with the float32 math path,
-forward and backward."""
+forward and backward; static-cache decoding agrees with recomputation, and its step compiles to one CUDA graph."""
 
 import pytest
 import torch
@@ -70,3 +70,59 @@ def test_compiled_sla_trains_without_graph_breaks():
         _, loss = compiled(idx, idx, return_logits=False)
     loss.backward()
     assert torch.isfinite(loss) and model.lm_head.weight.grad is not None
+
+
+@torch.no_grad()
+def teacher_forced_decode_logits(model: GPT, tokens, prompt_len: int):
+    """The logits predicting tokens[:, prompt_len:] one by one: the prefill, then one decode step per token."""
+    cache = model.kv_cache_for(tokens)
+    steps = [model.prefill(tokens[:, :prompt_len], cache)]
+    for position in range(prompt_len, tokens.size(1) - 1):
+        # a token of generate's strides (other strides would compile the step anew) at its position
+        token = tokens[:, position : position + 1].clone(memory_format=torch.contiguous_format)
+        input_pos = torch.tensor([position], device=tokens.device)
+        # clone: a CUDA graph's output is overwritten by its next replay
+        steps.append(model.decode_step(token, input_pos, cache).clone())
+    return torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("sla_skip", [None, 9, 1])
+def test_static_cache_decode_matches_recomputation_in_bf16(sla_skip):
+    model = small_sla_model(block_size=1024, sla=sla_skip is not None, sla_skip=sla_skip or 9)
+    tokens = torch.randint(0, 50257, (1, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        stepped = teacher_forced_decode_logits(model, tokens, prompt_len=37)
+        full, _ = model(tokens, tokens)  # every position's logits, without a cache
+    reference = full[:, 36:63].float()
+    relative_error = ((stepped - reference).norm() / reference.norm()).item()
+    print(f"sla_skip={sla_skip}: static-cache decode vs recomputation, bf16, relative error {relative_error:.2e}")
+    assert relative_error < 1e-2
+
+    # greedy decoding picks, at each of its first tokens, the recomputation's argmax (or a tie within bf16 noise)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        generated = model.generate(tokens[:, :37], 8, temperature=0)
+        recomputed, _ = model(generated[:, :-1], generated[:, 1:])
+    recomputed = recomputed[0, 36:].float()
+    picked = recomputed.gather(1, generated[0, 37:, None]).squeeze(1)
+    assert (recomputed.max(dim=1).values - picked <= 0.02 * recomputed.std()).all()
+
+
+def test_decode_step_compiles_once_to_a_cuda_graph_and_matches_eager():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = small_sla_model(block_size=1024)
+    tokens = torch.randint(0, 50257, (1, 80), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = teacher_forced_decode_logits(model, tokens, prompt_len=37)
+        model.compile_decode_step()
+        compiled = teacher_forced_decode_logits(model, tokens, prompt_len=37)
+        compiled_again = teacher_forced_decode_logits(model, tokens[:, 20:], prompt_len=41)  # a new prompt length
+        model.generate(tokens[:, :53], 16, temperature=0)
+    relative_error = ((compiled - eager).norm() / eager.norm()).item()
+    print(f"compiled vs eager decode step, bf16, relative error {relative_error:.2e}")
+    assert relative_error < 1e-2 and compiled_again.isfinite().all()
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for every prompt length
+    assert counters["inductor"]["cudagraph_skips"] == 0  # it runs as a CUDA graph, cache writes included
+    torch._dynamo.reset()

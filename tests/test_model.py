@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import GPT, CausalSelfAttention, GPTConfig
+from model import GPT, CausalSelfAttention, GPTConfig, KVCache
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -277,9 +277,9 @@ def test_kv_cache_generation_equals_full_recompute(sla, skip):
 def test_kv_cache_continuation_with_several_tokens_matches_full_pass():
     model = make_model(sla=True, sla_skip=1)
     idx = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
-    cache = [None] * model.config.n_layer
+    cache = KVCache(model.config, batch_size=2, device="cpu", dtype=torch.float32)
     model.hidden_states(idx[:, :8], cache)
-    continued = model.hidden_states(idx[:, 8:], cache)  # 12 tokens at once, after 8 cached ones
+    continued = model.hidden_states(idx[:, 8:], cache, input_pos=torch.arange(8, 20))  # 12 tokens after 8 cached
     full = model.hidden_states(idx)
     assert torch.allclose(continued, full[:, 8:], atol=1e-5)
 
