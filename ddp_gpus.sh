@@ -115,6 +115,9 @@ def losses(log, key="train/loss"):
 def max_gap(a, b, since=0):
     common = [it for it in a if it in b and it > since]
     return max(abs(a[it] - b[it]) for it in common) if common else None, len(common)
+def mean_gap(a, b, since=0):
+    common = [it for it in a if it in b and it > since]
+    return statistics.mean(abs(a[it] - b[it]) for it in common) if common else None
 
 summary = {}
 two, one_a = lines("parity-two"), lines("parity-one-a")
@@ -126,6 +129,7 @@ if two and one_a:
         if log:
             gap, n = max_gap(losses(log), ref)
             parity[f"{name} vs one-a: max train-loss gap"] = gap
+            parity[f"{name} vs one-a: mean train-loss gap"] = mean_gap(losses(log), ref)
             parity[f"{name} vs one-a: steps compared"] = n
             for key in sorted({k for line in log for k in line if k.startswith("val/loss@") and "/pos" not in k}):
                 parity[f"{name} vs one-a: max {key} gap"] = max_gap(losses(log, key), losses(one_a, key))[0]
@@ -141,6 +145,7 @@ if two and one_a:
             gap, n = max_gap(losses(log), ref2, since=resumed_from)
             checks[f"{name}: resumed at iter"] = resumed_from
             checks[f"{name} vs two after resume: max train-loss gap"] = gap
+            checks[f"{name} vs two after resume: mean train-loss gap"] = mean_gap(losses(log), ref2, since=resumed_from)
             checks[f"{name} vs two after resume: steps compared"] = n
             final = max(losses(log))
             for key in sorted({k for k in two[-1] if k.startswith("val/loss@") and "/pos" not in k}):
@@ -156,16 +161,17 @@ if two and one_a:
         abs(evals[k] - evals[k.replace("eval-2gpu", "eval-1gpu")]) for k in evals if k.startswith("eval-2gpu")
     ) if evals else None
 scaling = {}
-for config in ("small_16k", "medium_8k"):
+# scaling-split-graph-*: before train.py kept torch.compile from splitting the graph at DDP's buckets
+for prefix, config in [(p, c) for p in ("scaling", "scaling-split-graph") for c in ("small_16k", "medium_8k")]:
     rates = {}
     for gpus in (1, 2):
-        log = lines(f"scaling-{config}-{gpus}gpu")
+        log = lines(f"{prefix}-{config}-{gpus}gpu")
         if log:
             steps = [line for line in log if "tokens_per_s" in line and line["iter"] > 3]
             rates[gpus] = statistics.median(line["tokens_per_s"] for line in steps)
-            scaling[f"{config} {gpus} GPU tokens/s (median, steps 4-8)"] = rates[gpus]
+            scaling[f"{prefix} {config} {gpus} GPU tokens/s (median, steps 4-8)"] = rates[gpus]
     if len(rates) == 2:
-        scaling[f"{config} efficiency = tokens/s(2) / (2 x tokens/s(1))"] = rates[2] / (2 * rates[1])
+        scaling[f"{prefix} {config} efficiency = tokens/s(2) / (2 x tokens/s(1))"] = rates[2] / (2 * rates[1])
 summary["scaling"] = scaling
 (dest / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 for section, rows in summary.items():

@@ -29,7 +29,9 @@ def read_run(path: str) -> dict:
     # an eval-only pass on another corpus logs under its own prefix (e.g. "owt/loss@4096")
     final = {}
     for record in records:
-        final.update({k: v for k, v in record.items() if "/loss@" in k and not k.startswith("train/")})
+        final.update(
+            {k: v for k, v in record.items() if "/loss@" in k and "/pos" not in k and not k.startswith("train/")}
+        )
     return {"name": log.parent.name if log.name == "log.jsonl" else log.stem, "config": configs[0], "evals": evals,
             "final": final}  # fmt: skip
 
