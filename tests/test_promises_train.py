@@ -194,6 +194,8 @@ def test_first_and_resumed_optimizer_steps_redone_by_hand(byte_data, hf_gpt2, tm
     main(TrainConfig(**{**run, "init_from": "resume", "max_iters": 2}))
     second = load_checkpoint(run["out_dir"])
     assert second["iter_num"] == 2 and second["tokens_seen"] == 2 * TOKENS_PER_ITER
+    assert second["model_args"] == first["model_args"] and second["meta"] == first["meta"]
+    assert len(second["rng"]["ranks"]) == 1
     gradients = reference_gradients(model_from_checkpoint(first), tokens(byte_data, "train"), it=1)
     state, previous = adam_state(second), state
     assert {int(s["step"]) for s in state.values()} == {2}
