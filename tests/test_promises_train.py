@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 import model as model_module
 import train
+from configurator import parse_config
 from model import GPT
 from train import (
     TrainConfig,
@@ -113,6 +114,21 @@ def test_learning_rate_schedule_values():
         assert get_lr(it, config) == pytest.approx(lr, rel=1e-12), f"iter {it}"
     constant = TrainConfig(learning_rate=0.5, warmup_iters=10, lr_decay_iters=110, min_lr=0.1, decay_lr=False)
     assert {get_lr(it, constant) for it in (0, 5, 60, 500)} == {0.5}
+
+
+CONFIGS = sorted((REPO / "config").glob("train_gpt2_*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
+def test_gpu_configs_train_with_nanogpts_schedule_and_the_default_sla(path):
+    """The README's training settings: nanoGPT's warmup, cosine, clipping and AdamW; 6e-4 peak for small, 3e-4
+    for medium, decaying to a tenth; SLA's defaults 9 of 12 heads and skip 9."""
+    config = parse_config(TrainConfig, [str(path), "--sla"])
+    assert (config.decay_lr, config.warmup_iters, config.lr_decay_iters) == (True, 2000, 600_000)
+    assert (config.grad_clip, config.weight_decay, config.beta1, config.beta2) == (1.0, 0.1, 0.9, 0.95)
+    assert config.learning_rate == (3e-4 if "medium" in path.name else 6e-4)
+    assert config.min_lr == pytest.approx(config.learning_rate / 10)
+    assert (config.sla_head_ratio, config.sla_skip) == (0.75, 9)
 
 
 # ---------------------------------------------------------------------------------- optimizer steps redone by hand
@@ -323,24 +339,39 @@ def test_log_interval_and_the_logged_rates(byte_data, tmp_path, monkeypatch):
     assert all(line["tokens"] == line["iter"] * TOKENS_PER_ITER for line in log)
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+def torn_save(obj, f, *args, **kwargs):
+    """torch.save crashing (disk full, preemption) half-way through writing."""
+    if hasattr(f, "write"):
+        f.write(b"half a checkpoint")
+    else:
+        Path(f).write_bytes(b"half a checkpoint")
+    raise OSError("No space left on device")
+
+
+def test_checkpoint_write_is_atomic(byte_data, tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint({"iter_num": 1, "weights": torch.arange(4.0)}, path)
     real_save = torch.save
-
-    def torn_save(obj, f, *args, **kwargs):  # a crash (disk full, preemption) half-way through writing
-        if hasattr(f, "write"):
-            f.write(b"half a checkpoint")
-        else:
-            Path(f).write_bytes(b"half a checkpoint")
-        raise OSError("No space left on device")
-
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint({"iter_num": 2, "weights": torch.zeros(4)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     previous = load_checkpoint(path)
     assert previous["iter_num"] == 1 and torch.equal(previous["weights"], torch.arange(4.0))
+
+    # and in a run: the save at iter 4 crashes; the one of iter 2 is still there, whole
+    saves = []
+
+    def second_save_crashes(obj, f, *args, **kwargs):
+        saves.append(obj["iter_num"])
+        return (torn_save if len(saves) == 2 else real_save)(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", second_save_crashes)
+    run = settings(byte_data, tmp_path / "run", max_iters=4, eval_interval=2)
+    with pytest.raises(OSError, match="No space left"):
+        main(TrainConfig(**run))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert saves == [2, 4] and load_checkpoint(run["out_dir"])["iter_num"] == 2
 
 
 def test_resume_drops_log_lines_after_the_checkpoint(byte_data, tmp_path):
@@ -363,7 +394,7 @@ def test_resume_drops_log_lines_after_the_checkpoint(byte_data, tmp_path):
 
 def test_always_save_checkpoint_and_counters_carried_through_resume(byte_data, tmp_path, monkeypatch):
     """best_val_loss, iter_num and tokens_seen come back from the checkpoint. With a best_val_loss no evaluation
-    can beat, always_save_checkpoint=False saves only at the end; True saves at every evaluation."""
+    can beat, always_save_checkpoint=True saves at every evaluation; False only at the end."""
     saved_at = []
     real_save_checkpoint = train.save_checkpoint
 
@@ -381,15 +412,15 @@ def test_always_save_checkpoint_and_counters_carried_through_resume(byte_data, t
     torch.save(checkpoint, path)
 
     saved_at.clear()
-    main(TrainConfig(**{**run, "init_from": "resume", "max_iters": 6, "always_save_checkpoint": False}))
-    assert saved_at == [6]  # iter 4 did not improve on -1: no save; the end of training always saves
+    main(TrainConfig(**{**run, "init_from": "resume", "max_iters": 6, "always_save_checkpoint": True}))
+    assert saved_at == [4, 6]  # at every evaluation, improved or not
     checkpoint = load_checkpoint(str(path))
     assert checkpoint["best_val_loss"] == -1.0
     assert checkpoint["iter_num"] == 6 and checkpoint["tokens_seen"] == 6 * TOKENS_PER_ITER
 
     saved_at.clear()
-    main(TrainConfig(**{**run, "init_from": "resume", "max_iters": 10, "always_save_checkpoint": True}))
-    assert saved_at == [8, 10]
+    main(TrainConfig(**{**run, "init_from": "resume", "max_iters": 10, "always_save_checkpoint": False}))
+    assert saved_at == [10]  # iter 8 did not improve on -1: no save; the end of training always saves
     checkpoint = load_checkpoint(str(path))
     assert checkpoint["best_val_loss"] == -1.0 and checkpoint["tokens_seen"] == 10 * TOKENS_PER_ITER
 
