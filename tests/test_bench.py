@@ -114,13 +114,29 @@ def test_decode_rows(tmp_path):
     assert [(row["prompt_tokens"], row["fresh_prompt"]) for row in read_rows(decode_out)[3:]] == [(2, True), (2, False)]
 
 
-def test_real_data_folder(tmp_path):
+def test_real_data_folder(tmp_path, monkeypatch):
+    """With --data, every training batch is a set of windows of train.bin, drawn anew each step."""
     data = tmp_path / "data"
     data.mkdir()
-    np.arange(5000, dtype=np.uint16).__mod__(257).astype(np.uint16).tofile(data / "train.bin")
+    (np.arange(5000) % 257).astype(np.uint16).tofile(data / "train.bin")  # each window counts up by one (mod 257)
     (data / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16"}))
+    batches = []
+
+    class RecordingGPT(bench.GPT):
+        def forward(self, idx, targets=None, *args, **kwargs):
+            if targets is not None:
+                batches.append((idx.clone(), targets.clone()))
+            return super().forward(idx, targets, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "GPT", RecordingGPT)
     (row,) = bench.main(BenchConfig(shapes=("tiny:16:2",), sla_skips=(), data=str(data), **{**FAST, "vocab_size": 320}))
     assert row["data"] == str(data) and row["ms_per_step"] > 0 and math.isfinite(row["loss"])
+    assert len(batches) == FAST["warmup_steps"] + FAST["timed_steps"]
+    for inputs, targets in batches:
+        assert inputs.shape == targets.shape == (2, 16)
+        assert torch.equal(inputs[:, 1:], (inputs[:, :-1] + 1) % 257)  # consecutive tokens of train.bin
+        assert torch.equal(targets, (inputs + 1) % 257)  # and the next token of each
+    assert len({inputs.numpy().tobytes() for inputs, _ in batches}) == len(batches)
 
 
 def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
