@@ -80,6 +80,13 @@ def markdown_table(pairs) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, png: str):
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
 def plot(pairs, png: str):
     """Per training context: both curves (top; the first evaluation, at ~10.8 nats, is left out so the
     differences show) and SLA − plain at each evaluation (bottom; below zero means SLA is better)."""
@@ -115,10 +122,7 @@ def plot(pairs, png: str):
         for ax in (curves, deltas):
             ax.grid(alpha=0.3)
             ax.legend()
-    fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
+    save_figure(fig, png)
 
 
 # ---------------------------------------------------------------------------- the ablation over arms and seeds
@@ -285,10 +289,7 @@ def plot_ablation(arms: dict, summary: dict, length: int, png: str):
         ax.set_ylabel("SLA − plain (nats/token; below 0: SLA better)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
+    save_figure(fig, png)
 
 
 def main(argv=None):
