@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python 3.10+, package registries only):
 #   make demo   set up, prepare a corpus that needs no download, train tiny plain and SLA models, compare, sample
 #   make test   set up and run the whole test suite (what CI runs)
+#   make mutate apply small bugs to the code one at a time and report those the tests miss (not in CI)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ STDLIB := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["s
 DEMO_DATA := data/stdlib-byte
 DEMO_OUT := out/demo
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint mutate demo clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,9 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest -q
+
+mutate: setup
+	$(BIN)/python mutate.py
 
 # Re-runnable: the prepared data is reused, and each model resumes from its checkpoint (a finished one has nothing
 # left to train) or, without one, starts afresh. DEMO_ARGS go to both training runs, e.g. a quick check:

@@ -10,10 +10,13 @@ first, then one SLA model per --sla_skips entry, and each SLA row carries its ra
 memory-lean loss (return_logits=False; --loss_impl=full: the whole logits and one cross-entropy, as nanoGPT),
 backward, gradient clipping at 1.0, AdamW (fused on CUDA) and zero_grad(set_to_none=True), with the next batch
 drawn between forward and backward. Each step is timed between two device synchronisations; the median (and
-mean) of --timed_steps steps after --warmup_steps is reported. Decode speed is model.generate with the KV cache
-(eager), batch 1, after a prompt of --decode_prompt_tokens tokens, prefill included. Each row is printed as it
-comes and appended to --out as a JSON line, so several runs can fill one file; a table ends the run. A model
-that runs out of memory gets a row with "error" and the run goes on.
+mean) of --timed_steps steps after --warmup_steps is reported. Decode speed is model.generate with the static KV
+cache (its decode step compiled with --compile), batch 1: --decode_tokens new tokens after a prompt of a length
+this process has not prefilled before (--decode_prompt_tokens, or the next unused length), prefill included,
+timed after a warm-up generation whose time is reported apart (compile_s). Each row is printed as it comes and
+appended to --out as a JSON line, so several runs can fill one file; --decode_out gets the decode rows alone
+(DECODE_ROW_FIELDS). A table ends the run. A model that runs out of memory gets a row with "error" and the run
+goes on.
 """
 
 import gc
@@ -60,11 +63,22 @@ ROW_FIELDS = (
     "ms_per_step", "ms_per_step_mean", "ms_per_step_min", "ms_per_step_max", "first_step_s", "tokens_per_s",
     "mfu", "peak_mem_gib", "loss",
     # KV-cache decoding
-    "decode_prompt_tokens", "decode_tokens", "decode_tokens_per_s",
+    "decode_prompt_tokens", "decode_fresh_prompt", "decode_tokens", "decode_tokens_per_s", "decode_compile_s",
+    "kv_cache_bytes_per_token",
     # SLA rows: SLA / plain of the same shape and round
-    "ratio_step_time", "ratio_peak_mem", "ratio_decode_tokens_per_s",
+    "ratio_step_time", "ratio_peak_mem", "ratio_decode_tokens_per_s", "ratio_kv_cache_bytes",
     "error",
 )  # fmt: skip
+# The rows of --decode_out: a training row's decode measurement under the names of issue 15's results table.
+DECODE_ROW_FIELDS = {
+    "gpu": "gpu", "torch": "torch", "shape": "shape", "model": "model", "block_size": "block_size", "sla": "sla",
+    "sla_skip": "sla_skip", "sla_head_ratio": "sla_head_ratio", "n_skip_heads": "n_skip_heads",
+    "compile": "compile", "dtype": "dtype", "sdpa_backend": "sdpa_backend", "repeat": "repeat",
+    "prompt_tokens": "decode_prompt_tokens", "fresh_prompt": "decode_fresh_prompt", "new_tokens": "decode_tokens",
+    "tokens_per_s": "decode_tokens_per_s", "compile_s": "decode_compile_s",
+    "kv_cache_bytes_per_token": "kv_cache_bytes_per_token", "ratio_tokens_per_s": "ratio_decode_tokens_per_s",
+    "ratio_kv_cache_bytes": "ratio_kv_cache_bytes", "error": "error",
+}  # fmt: skip
 
 
 class Shape(NamedTuple):
@@ -103,10 +117,11 @@ class BenchConfig:
     bias: bool = False  # as nanoGPT's benchmark measured GPT-2
     vocab_size: int = 50304
     decode_tokens: int = 256  # new tokens of the decode measurement (fewer if block_size is short); 0 skips it
-    decode_prompt_tokens: int = 128
+    decode_prompt_tokens: int = 128  # or the next length this process has not prefilled yet
     seed: int = 0
     profile_steps: int = 0  # > 0: after timing, profile this many more steps and print the busiest kernels
     out: str = ""  # JSON-lines file the rows are appended to; '' prints only
+    decode_out: str = ""  # JSON-lines file the decode rows (DECODE_ROW_FIELDS) are appended to; '' writes none
 
     def __post_init__(self):
         shapes = [parse_shape(text) for text in self.shapes]
@@ -159,24 +174,57 @@ def batch_source(config: BenchConfig, shape: Shape, device: str):
     return next_batch
 
 
+# Prompt lengths this process has prefilled: kernels (cuDNN's plans, say) are chosen per shape and kept, so a
+# length seen before would hide that cost from the measurement.
+PREFILLED_LENGTHS: set[int] = set()
+DECODE_WARMUP_TOKENS = 8  # enough decode steps to compile the step and record and replay its CUDA graph
+
+
+def fresh_prompt_length(wanted: int, longest: int) -> int | None:
+    """wanted, or the nearest length above it (up to longest), then below it, not prefilled yet; None if none."""
+    for length in [*range(wanted, longest + 1), *range(wanted - 1, 0, -1)]:
+        if length not in PREFILLED_LENGTHS:
+            return length
+    return None
+
+
 def measure_decode(model: GPT, config: BenchConfig, device: str, autocast) -> dict:
-    """Tokens per second of KV-cache generation, batch 1; the prompt and new tokens fit in block_size."""
+    """
+    Tokens per second of generation, batch 1, after a prompt of a length not prefilled before; the prompt and the
+    new tokens fit in block_size. A warm-up generation on a 1-token prompt comes first (its time: decode_compile_s).
+    """
     block_size = model.config.block_size
-    prompt_tokens = min(config.decode_prompt_tokens, block_size // 2)
-    new_tokens = min(config.decode_tokens, block_size - prompt_tokens)
-    prompt = torch.randint(config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.to(device)
+    new_tokens = min(config.decode_tokens, block_size - 1)
+    longest_prompt = block_size - new_tokens
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    prompts = torch.Generator().manual_seed(config.seed)
     generator = torch.Generator(device).manual_seed(config.seed)
-    model.eval()
-    with autocast:
-        model.generate(prompt, new_tokens, generator=generator)  # warm-up: every kernel, cache size and allocation
+
+    def generate_seconds(prompt_length: int, max_new_tokens: int) -> float:
+        prompt = torch.randint(config.vocab_size, (1, prompt_length), generator=prompts).to(device)
+        PREFILLED_LENGTHS.add(prompt_length)
+        synchronize()
         started = time.perf_counter()
-        model.generate(prompt, new_tokens, generator=generator)[0, -1].item()  # .item() waits for the device
-        seconds = time.perf_counter() - started
+        with autocast:
+            model.generate(prompt, max_new_tokens, generator=generator)[0, -1].item()  # .item() waits for the device
+        return time.perf_counter() - started
+
+    model.eval()
+    if config.compile:
+        model.compile_decode_step()
+    compile_seconds = generate_seconds(1, DECODE_WARMUP_TOKENS)
+    prompt_tokens = fresh_prompt_length(min(config.decode_prompt_tokens, longest_prompt), longest_prompt)
+    fresh = prompt_tokens is not None
+    if not fresh:  # every length that fits was prefilled before (tiny block sizes)
+        prompt_tokens = min(config.decode_prompt_tokens, longest_prompt)
+    seconds = generate_seconds(prompt_tokens, new_tokens)
     return {
         "decode_prompt_tokens": prompt_tokens,
+        "decode_fresh_prompt": fresh,
         "decode_tokens": new_tokens,
         "decode_tokens_per_s": new_tokens / seconds,
+        "decode_compile_s": compile_seconds,
+        "kv_cache_bytes_per_token": model.kv_cache.bytes_per_token(),
     }
 
 
@@ -270,14 +318,20 @@ def print_table(rows: list[dict]):
     columns = [
         ("shape", "{}"), ("sla_skip", "{}"), ("ms_per_step", "{:.2f}"), ("ms_per_step_mean", "{:.2f}"),
         ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}"), ("peak_mem_gib", "{:.2f}"),
-        ("decode_tokens_per_s", "{:.1f}"), ("ratio_step_time", "{:.3f}"), ("ratio_peak_mem", "{:.3f}"),
-        ("error", "{}"),
+        ("decode_tokens_per_s", "{:.1f}"), ("decode_compile_s", "{:.2f}"), ("ratio_step_time", "{:.3f}"),
+        ("ratio_peak_mem", "{:.3f}"), ("ratio_kv_cache_bytes", "{:.4f}"), ("error", "{}"),
     ]  # fmt: skip
     cells = [[name for name, _ in columns]]
     cells += [["-" if row[name] is None else fmt.format(row[name]) for name, fmt in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     for line in cells:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def append_row(path: str, row: dict):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def main(config: BenchConfig) -> list[dict]:
@@ -339,6 +393,7 @@ def main(config: BenchConfig) -> list[dict]:
                 ("ratio_step_time", "ms_per_step"),
                 ("ratio_peak_mem", "peak_mem_gib"),
                 ("ratio_decode_tokens_per_s", "decode_tokens_per_s"),
+                ("ratio_kv_cache_bytes", "kv_cache_bytes_per_token"),
             ):
                 if row[key] is not None and plain[key]:
                     row[ratio] = row[key] / plain[key]
@@ -353,10 +408,18 @@ def main(config: BenchConfig) -> list[dict]:
                 f"first step {row['first_step_s']:.1f} s{peak}{ratio}",
                 flush=True,
             )
+            if row["decode_tokens_per_s"] is not None:
+                fresh = "fresh" if row["decode_fresh_prompt"] else "seen"
+                print(
+                    f"    decode {row['decode_tokens_per_s']:.1f} tokens/s ({row['decode_tokens']} tokens after a "
+                    f"{fresh} {row['decode_prompt_tokens']}-token prompt), warm-up {row['decode_compile_s']:.2f} s, "
+                    f"KV cache {row['kv_cache_bytes_per_token']:,} bytes/token",
+                    flush=True,
+                )
         if config.out:
-            Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(config.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(config.out, row)
+        if config.decode_out and config.decode_tokens > 0:
+            append_row(config.decode_out, {name: row[key] for name, key in DECODE_ROW_FIELDS.items()})
 
     print_table(rows)
     return rows

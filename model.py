@@ -14,11 +14,13 @@ each layer still computes K and V for all heads, so GPT-2 checkpoints load uncha
 
 import inspect
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
@@ -59,6 +61,21 @@ class GPTConfig:
             return layer - self.sla_skip
         return None
 
+    def first_cached_head(self, layer: int) -> int:
+        """
+        A KV cache keeps heads first_cached_head(l) .. n_head-1 of layer l's own K/V. Layer l's own K/V of heads
+        0 .. n_skip_heads-1 are read by layer l itself if it is plain, else only by layer l + sla_skip: where layer l
+        skips and no layer l + sla_skip exists, nobody reads them.
+        """
+        if self.skip_source(layer) is not None and self.skip_source(layer + self.sla_skip) is None:
+            return self.n_skip_heads
+        return 0
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of K and V that generation caches per token of one sequence, at the given dtype."""
+        cached_heads = sum(self.n_head - self.first_cached_head(layer) for layer in range(self.n_layer))
+        return 2 * cached_heads * (self.n_embd // self.n_head) * dtype.itemsize
+
 
 class CausalSelfAttention(nn.Module):
     # SLA layers rebuild their mixed K/V in backward rather than keep them (see forward); False keeps them: faster
@@ -67,6 +84,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.n_skip_heads = config.n_skip_heads if config.skip_source(layer) is not None else 0
@@ -75,50 +93,53 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, skip_kv=None, past_kv=None):
+    def forward(self, x, skip_kv=None, kv_cache=None, input_pos=None, attn_mask=None):
         """
-        x: (B, T, C). skip_kv: layer l - sla_skip's own (k, v), each (B, T_total, n_head, head_dim), or None.
-        past_kv: this layer's own cached (k, v) of earlier tokens during generation, or None.
-        Returns the attention output and this layer's own (k, v) over all T_total tokens, the only K/V a later
-        layer may read: heads borrowed here are never passed on.
+        x: (B, T, C). skip_kv: layer l - sla_skip's own (k, v), each (B, T_kv, n_head, head_dim), or None.
+        kv_cache: a KVCache this layer writes its own K/V of x's tokens into, at input_pos (T,) or, without it,
+        at 0 .. T-1. With input_pos, x continues the cached tokens: attention runs over the whole cache, where
+        attn_mask (T, block_size) is True. Returns the attention output and this layer's own (k, v) over what it
+        attended to, the only K/V a later layer may read: heads borrowed here are never passed on.
         """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(dim=2)
-        if past_kv is not None:
-            k, v = torch.cat([past_kv[0], k], dim=1), torch.cat([past_kv[1], v], dim=1)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v, input_pos)
         own_kv = (k, v)
         if self.n_skip_heads == 0:
-            y = self.attend(q, k, v)
+            y = self.attend(q, k, v, attn_mask)
         elif torch.is_grad_enabled() and self.recompute_mixed_kv:
             # The mixed K/V are new tensors that SDPA would keep for backward: 2*B*T*C values more per SLA layer
             # than a plain layer holds. Keep only SDPA's outputs and rebuild the mix (a copy, no matmul) in backward.
-            y = checkpoint(self.attend_mixed, q, k, v, *skip_kv, use_reentrant=False, context_fn=_recompute_only_cat)
+            y = checkpoint(
+                self.attend_mixed, q, k, v, *skip_kv, attn_mask, use_reentrant=False, context_fn=_recompute_only_cat
+            )
         else:
-            y = self.attend_mixed(q, k, v, *skip_kv)
+            y = self.attend_mixed(q, k, v, *skip_kv, attn_mask)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C))), own_kv
 
-    def attend_mixed(self, q, k, v, skip_k, skip_v):
-        """Skip heads take layer l - sla_skip's K/V, the rest their own; one tensor each, so one SDPA call."""
-        k = torch.cat([skip_k[:, :, : self.n_skip_heads], k[:, :, self.n_skip_heads :]], dim=2)
-        v = torch.cat([skip_v[:, :, : self.n_skip_heads], v[:, :, self.n_skip_heads :]], dim=2)
-        return self.attend(q, k, v)
+    def attend_mixed(self, q, k, v, skip_k, skip_v, attn_mask=None):
+        """
+        Skip heads take layer l - sla_skip's K/V, the rest their own; one tensor each, so one SDPA call. k and v end
+        with this layer's own heads n_skip_heads ..; a KV cache holds no others where no later layer reads them.
+        """
+        own = k.size(2) - (self.n_head - self.n_skip_heads)  # where the own heads start in k and v
+        k = torch.cat([skip_k[:, :, : self.n_skip_heads], k[:, :, own:]], dim=2)
+        v = torch.cat([skip_v[:, :, : self.n_skip_heads], v[:, :, own:]], dim=2)
+        return self.attend(q, k, v, attn_mask)
 
-    def attend(self, q, k, v):
-        """Causal attention of q (B, T, n_head, head_dim) over k, v (B, T_total, n_head, head_dim)."""
-        T, T_total = q.size(1), k.size(1)
-        # With a cache, new queries sit at the end of the sequence; SDPA's is_causal aligns them to the start.
-        # (A Python bool, not `past_len == 0`: under dynamic shapes that is symbolic and breaks the graph.)
-        past_len = T_total - T
-        is_causal, attn_mask = (True if past_len == 0 else False), None
-        if past_len > 0 and T > 1:
-            attn_mask = torch.ones(T, T_total, dtype=torch.bool, device=q.device).tril(diagonal=past_len)
+    def attend(self, q, k, v, attn_mask=None):
+        """
+        Attention of q (B, T, n_head, head_dim) over k, v (B, T_kv, n_head, head_dim): causal (T_kv = T) without
+        attn_mask, else to the positions where attn_mask (T, T_kv) is True.
+        """
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
+            is_causal=attn_mask is None,
         )
         return y.transpose(1, 2)
 
@@ -153,11 +174,50 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, skip_kv=None, past_kv=None):
-        attn_out, own_kv = self.attn(self.ln_1(x), skip_kv=skip_kv, past_kv=past_kv)
+    def forward(self, x, skip_kv=None, kv_cache=None, input_pos=None, attn_mask=None):
+        attn_out, own_kv = self.attn(self.ln_1(x), skip_kv, kv_cache, input_pos, attn_mask)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
         return x, own_kv
+
+
+class KVCache:
+    """
+    Static K/V buffers for generation: per layer one K and one V of (B, block_size, cached heads, head_dim),
+    allocated once and written at each token's position. Layer l caches its own heads
+    config.first_cached_head(l) .. n_head-1, the ones some layer reads; a skip head reads its source layer's buffer.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype: torch.dtype):
+        self.first_head = [config.first_cached_head(layer) for layer in range(config.n_layer)]
+        self.keys, self.values = [], []
+        for first in self.first_head:
+            shape = (batch_size, config.block_size, config.n_head - first, config.n_embd // config.n_head)
+            for buffers in (self.keys, self.values):
+                # zeros: attention weighs positions not yet written by exactly 0, and 0 * NaN would be NaN
+                buffer = torch.zeros(shape, dtype=dtype, device=device)
+                torch._dynamo.mark_static_address(buffer)  # CUDA graphs write it in place instead of copying it
+                buffers.append(buffer)
+
+    def fits(self, config: GPTConfig, batch_size: int, device, dtype: torch.dtype) -> bool:
+        expected = (batch_size, config.block_size)
+        key = self.keys[0]
+        return key.shape[:2] == expected and key.device == torch.device(device) and key.dtype == dtype
+
+    def bytes_per_token(self) -> int:
+        """Bytes the buffers hold per position of one sequence."""
+        return sum(buffer[0, 0].nbytes for buffer in self.keys + self.values)
+
+    def update(self, layer: int, k, v, input_pos=None):
+        """
+        Write layer's own k, v (B, T, n_head, head_dim) at positions input_pos (T,), or 0 .. T-1 without it. Returns
+        the K/V to attend over: without input_pos (a prompt) k and v themselves, else the layer's whole buffers.
+        """
+        first = self.first_head[layer]
+        positions = torch.arange(k.size(1), device=k.device) if input_pos is None else input_pos
+        self.keys[layer].index_copy_(1, positions, k[:, :, first:])
+        self.values[layer].index_copy_(1, positions, v[:, :, first:])
+        return (k, v) if input_pos is None else (self.keys[layer], self.values[layer])
 
 
 class GPT(nn.Module):
@@ -178,6 +238,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.skip_sources = [config.skip_source(layer) for layer in range(config.n_layer)]
+        self.kv_cache = None  # made by generate (kv_cache_for)
 
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections: keeps the residual stream's variance flat in depth
@@ -201,27 +262,32 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def hidden_states(self, idx, kv_cache: list | None = None):
+    def hidden_states(self, idx, kv_cache: KVCache | None = None, input_pos=None):
         """
-        Final (ln_f) hidden states, (B, T, C). With kv_cache (a list with one own (k, v) or None per layer), idx
-        continues the cached tokens and the cache is extended in place.
+        Final (ln_f) hidden states, (B, T, C). With kv_cache, every layer also writes its own K/V of idx's tokens
+        into it. Without input_pos, idx starts at position 0. With input_pos (T,), the positions of idx's tokens
+        (each below block_size), idx continues the cached tokens and attends over the whole cache, masked to the
+        positions up to each token's own: whatever the sequence's length, the shapes stay the same.
         """
         T = idx.size(1)
-        past_len = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(1)
-        if past_len + T > self.config.block_size:
-            raise ValueError(f"sequence of {past_len + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(past_len, past_len + T, dtype=torch.long, device=idx.device)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        if input_pos is None:
+            pos, attn_mask = torch.arange(T, dtype=torch.long, device=idx.device), None  # None: causal
+        else:
+            cache_pos = torch.arange(self.config.block_size, device=idx.device)
+            pos, attn_mask = input_pos, cache_pos <= input_pos.unsqueeze(1)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
 
-        # Without a cache, a layer's own K/V is held only until the layer that skips to it has read it.
-        own_kv = kv_cache if kv_cache is not None else [None] * self.config.n_layer
+        # A layer's own K/V is held here only until the layer that skips to it has read it.
+        own_kv = [None] * self.config.n_layer
         for layer, block in enumerate(self.transformer.h):
             source = self.skip_sources[layer]
             skip_kv = own_kv[source] if source is not None else None
-            x, kv = block(x, skip_kv=skip_kv, past_kv=own_kv[layer] if kv_cache is not None else None)
-            if kv_cache is not None or layer in self.skip_sources:
+            x, kv = block(x, skip_kv, kv_cache, input_pos, attn_mask)
+            if layer in self.skip_sources:
                 own_kv[layer] = kv
-            if kv_cache is None and source is not None:
+            if source is not None:
                 own_kv[source] = None
         return self.transformer.ln_f(x)
 
@@ -315,31 +381,103 @@ class GPT(nn.Module):
         peak = gpu_peak_bf16_flops()
         return None if peak is None else self.flops_per_token(seq_len) * tokens_per_second / peak
 
+    # Generation, after PyTorch's gpt-fast: the prompt fills a static KV cache in one pass (prefill), then each
+    # new token is one decode step whose shapes never change, so that it compiles (and plans its kernels) once.
+
+    def kv_cache_for(self, idx) -> KVCache:
+        """
+        The KV cache for idx's batch size and device, in the dtype K and V are computed in (autocast's, if on).
+        Made once and kept: a compiled decode step replays on the same buffers.
+        """
+        device_type = idx.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else self.lm_head.weight.dtype
+        if self.kv_cache is None or not self.kv_cache.fits(self.config, idx.size(0), idx.device, dtype):
+            self.kv_cache = None  # frees the old buffers before the new ones are made
+            self.kv_cache = KVCache(self.config, idx.size(0), idx.device, dtype)
+        return self.kv_cache
+
+    @torch.no_grad()
+    def prefill(self, idx, kv_cache: KVCache):
+        """Run idx (B, T <= block_size) from position 0 into kv_cache; the float32 logits of its last token (B, V)."""
+        with _sdpa_without_cudnn():
+            x = self.hidden_states(idx, kv_cache)
+        return self.lm_head(x[:, -1, :]).float()
+
+    @torch.no_grad()
+    def decode_step(self, idx, input_pos, kv_cache: KVCache):
+        """The float32 logits (B, V) after one more token idx (B, 1) at position input_pos (1,), via kv_cache."""
+        x = self.hidden_states(idx, kv_cache, input_pos)
+        return self.lm_head(x[:, -1, :]).float()
+
+    def compile_decode_step(self, backend="inductor"):
+        """
+        Compile decode_step, the function generate runs once per new token, as a whole graph (an error if it
+        breaks). Its shapes never change, so it compiles once, whatever the prompt. With inductor on CUDA it runs
+        as a CUDA graph (mode="reduce-overhead"): one launch for the step's few hundred small kernels. Call it once
+        the model is on its device; backend is torch.compile's.
+        """
+        cuda_graphs = backend == "inductor" and self.lm_head.weight.is_cuda
+        eager_step = GPT.decode_step.__get__(self)  # the method, even where an earlier call replaced it
+        compiled = torch.compile(
+            eager_step, backend=backend, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None
+        )
+
+        def decode_step(idx, input_pos, kv_cache):
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up: their memory is free
+            return compiled(idx, input_pos, kv_cache)
+
+        self.decode_step = decode_step
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, generator=None):
         """
-        Extend idx (B, T) by max_new_tokens tokens with a KV cache; temperature 0 is greedy. Once the sequence
-        outgrows block_size, each step recomputes the last block_size tokens: positions shift, so no cache holds.
+        Extend idx (B, T) by max_new_tokens tokens; temperature 0 is greedy. Once the sequence outgrows block_size,
+        each step prefills the last block_size tokens anew: positions shift, so no cache holds.
         """
-        kv_cache = None
+        block_size = self.config.block_size
+        kv_cache = self.kv_cache_for(idx)
+        next_token = None
+        input_pos = None  # next_token's position, on the device: no host-device synchronisation per token
         for _ in range(max_new_tokens):
-            cached_len = 0 if kv_cache is None else kv_cache[0][0].size(1)
-            if kv_cache is None or cached_len + 1 > self.config.block_size:
-                kv_cache = [None] * self.config.n_layer
-                x = self.hidden_states(idx[:, -self.config.block_size :], kv_cache)
+            if input_pos is None or idx.size(1) > block_size:
+                logits = self.prefill(idx[:, -block_size:], kv_cache)
+                input_pos = torch.full((1,), min(idx.size(1), block_size), dtype=torch.long, device=idx.device)
             else:
-                x = self.hidden_states(idx[:, -1:], kv_cache)
-            logits = self.lm_head(x[:, -1, :]).float()
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
+                # next_token, not idx[:, -1:]: a view of idx has new strides each step, which would recompile the step
+                logits = self.decode_step(next_token, input_pos, kv_cache)
+                input_pos = input_pos + 1
+            next_token = sample_next_token(logits, temperature, top_k, generator)
+            idx = torch.cat((idx, next_token), dim=1)
         return idx
+
+
+def _sdpa_without_cudnn():
+    """
+    The enabled SDPA backends but cuDNN, for prompts: cuDNN builds an execution plan per new sequence length, and
+    every prompt brings one. Where cuDNN is the only one enabled (bench.py --sdpa_backend=cudnn), cuDNN it is.
+    """
+    enabled = [
+        backend
+        for backend, is_enabled in (
+            (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+            (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+            (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled),
+        )
+        if is_enabled()
+    ]
+    return sdpa_kernel(enabled) if enabled else nullcontext()
+
+
+def sample_next_token(logits, temperature: float, top_k: int | None = None, generator=None):
+    """The next token (B, 1) for logits (B, V): the argmax at temperature 0, else drawn from the top_k."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

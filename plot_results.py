@@ -3,13 +3,21 @@ Plain vs SLA from training logs: a markdown table of final validation losses and
 against tokens seen.
 
     python plot_results.py RUN [RUN ...] [--png val_loss.png] [--table table.md]
+    python plot_results.py --ablation results/sla-ablation-16k [--png ablation.png] [--table table.md]
 
 RUN is a train.py out_dir (its log.jsonl is read) or a log .jsonl file itself. Runs are paired by everything in
 their config except the SLA settings, out_dir and wandb names, so a pair differs in SLA alone.
+
+--ablation reads a folder of <arm>-seed<N>.jsonl logs (arm: plain, or an SLA setting such as sla-skip3) and
+compares every SLA arm with plain over seeds: the final loss at the longest evaluated length, overall and by
+position in the window, as mean ± standard deviation over seeds, and the SLA − plain difference paired by seed.
 """
 
 import argparse
 import json
+import math
+import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,7 +37,9 @@ def read_run(path: str) -> dict:
     # an eval-only pass on another corpus logs under its own prefix (e.g. "owt/loss@4096")
     final = {}
     for record in records:
-        final.update({k: v for k, v in record.items() if "/loss@" in k and not k.startswith("train/")})
+        final.update(
+            {k: v for k, v in record.items() if "/loss@" in k and "/pos" not in k and not k.startswith("train/")}
+        )
     return {"name": log.parent.name if log.name == "log.jsonl" else log.stem, "config": configs[0], "evals": evals,
             "final": final}  # fmt: skip
 
@@ -70,6 +80,13 @@ def markdown_table(pairs) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, png: str):
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
 def plot(pairs, png: str):
     """Per training context: both curves (top; the first evaluation, at ~10.8 nats, is left out so the
     differences show) and SLA − plain at each evaluation (bottom; below zero means SLA is better)."""
@@ -105,18 +122,203 @@ def plot(pairs, png: str):
         for ax in (curves, deltas):
             ax.grid(alpha=0.3)
             ax.legend()
-    fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
+    save_figure(fig, png)
+
+
+# ---------------------------------------------------------------------------- the ablation over arms and seeds
+
+ABLATION_LOG = re.compile(r"(?P<arm>plain|sla-[a-z0-9.-]+?)-seed(?P<seed>\d+)\.jsonl")
+# two-sided 95% critical values of Student's t by degrees of freedom (n - 1 paired seeds)
+T_CRITICAL_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def read_ablation(folder: str) -> dict[str, dict[int, dict]]:
+    """{arm: {seed: run}} from a folder of <arm>-seed<N>.jsonl logs."""
+    arms: dict[str, dict[int, dict]] = defaultdict(dict)
+    for log in sorted(Path(folder).glob("*.jsonl")):
+        match = ABLATION_LOG.fullmatch(log.name)
+        if match is None:
+            raise SystemExit(f"error: {log} is not named <arm>-seed<N>.jsonl (arm: plain or sla-...)")
+        arms[match["arm"]][int(match["seed"])] = read_run(str(log))
+    if "plain" not in arms:
+        raise SystemExit(f"error: {folder} holds no plain-seed<N>.jsonl: the SLA arms are compared with plain")
+    return dict(arms)
+
+
+def final_metrics(run: dict, length: int) -> dict[str, float]:
+    """The last evaluation's loss at `length` ("all") and by position bucket ("pos<lo>-<hi>")."""
+    prefix = f"val/loss@{length}"
+    last = [record for record in run["evals"] if prefix in record][-1]
+    metrics = {"all": last[prefix]}
+    metrics.update({key[len(prefix) + 1 :]: value for key, value in last.items() if key.startswith(prefix + "/pos")})
+    return metrics
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def told_apart(differences: list[float]) -> str:
+    """Is the mean paired difference told apart from seed noise? A two-sided paired t-test at 5%: the mean must
+    exceed t(0.975, n-1) standard errors of the differences between seeds."""
+    if len(differences) < 2:
+        return "needs 2 seeds"
+    mean, sd = mean_sd(differences)
+    critical = T_CRITICAL_95.get(len(differences) - 1, 1.96)
+    if sd == 0 or abs(mean) > critical * sd / math.sqrt(len(differences)):
+        return "yes, SLA lower" if mean < 0 else "yes, SLA higher"
+    return "no"
+
+
+def ablation_summary(arms: dict, length: int) -> dict:
+    """Per arm: seeds, final metrics per seed, and (SLA arms) the SLA − plain differences of seeds both have."""
+    summary = {}
+    for arm, runs in sorted(arms.items(), key=lambda item: (item[0] != "plain", item[0])):
+        finals = {seed: final_metrics(run, length) for seed, run in sorted(runs.items())}
+        entry = {"seeds": sorted(finals), "final": finals}
+        if arm != "plain":
+            paired = sorted(set(finals) & set(arms["plain"]))
+            plain = {seed: final_metrics(arms["plain"][seed], length) for seed in paired}
+            entry["differences"] = {
+                seed: {key: finals[seed][key] - plain[seed][key] for key in finals[seed] if key in plain[seed]}
+                for seed in paired
+            }
+        summary[arm] = entry
+    return summary
+
+
+def best_sla_arm(summary: dict) -> str:
+    """The SLA arm with the lowest mean final loss over its seeds."""
+    sla_arms = {arm: entry for arm, entry in summary.items() if arm != "plain"}
+    if not sla_arms:
+        raise SystemExit("error: no SLA arm has a log yet")
+    return min(sla_arms, key=lambda arm: statistics.mean(f["all"] for f in sla_arms[arm]["final"].values()))
+
+
+def _bucket_order(key: str) -> tuple[int, int]:
+    return (-1, 0) if key == "all" else tuple(int(n) for n in key.removeprefix("pos").split("-"))  # type: ignore[return-value]
+
+
+def _pm(values: list[float], signed: bool = False) -> str:
+    mean, sd = mean_sd(values)
+    return f"{mean:{'+' if signed else ''}.4f}" + ("" if sd is None else f" ± {sd:.4f}")
+
+
+def ablation_table(summary: dict, length: int) -> str:
+    lines = [
+        f"Final val/loss@{length}: mean ± standard deviation over seeds; SLA − plain paired by seed. Told apart:"
+        " a two-sided paired t-test at 5% over the seeds.",
+        "",
+        f"| arm | seeds | val/loss@{length} | SLA − plain | per seed | told apart from seed noise |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    for arm, entry in summary.items():
+        finals = [entry["final"][seed]["all"] for seed in entry["seeds"]]
+        row = f"| {arm} | {', '.join(map(str, entry['seeds']))} | {_pm(finals)} |"
+        if arm == "plain":
+            lines.append(row + " | | |")
+            continue
+        differences = {seed: d["all"] for seed, d in entry["differences"].items()}
+        per_seed = ", ".join(f"{d:+.4f}" for d in differences.values())
+        lines.append(
+            f"{row} {_pm(list(differences.values()), signed=True) if differences else '–'} | {per_seed} | "
+            f"{told_apart(list(differences.values()))} |"
+        )
+    buckets = sorted({key for e in summary.values() for f in e["final"].values() for key in f}, key=_bucket_order)
+    buckets = [key for key in buckets if key != "all"]
+    if buckets:
+        lines += [
+            "",
+            f"By position in the {length}-token window: plain's loss, and each SLA arm's SLA − plain (paired).",
+            "",
+            "| arm | " + " | ".join(f"positions {key.removeprefix('pos')}" for key in buckets) + " |",
+            "|---|" + "---:|" * len(buckets),
+        ]
+        for arm, entry in summary.items():
+            cells = []
+            for key in buckets:
+                if arm == "plain":
+                    values = [f[key] for f in entry["final"].values() if key in f]
+                else:
+                    values = [d[key] for d in entry["differences"].values() if key in d]
+                cells.append(_pm(values, signed=arm != "plain") if values else "–")
+            lines.append(f"| {arm}{'' if arm == 'plain' else ' − plain'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_ablation(arms: dict, summary: dict, length: int, png: str):
+    """Left: SLA − plain at `length` against training tokens, every seed (thin) and the mean (thick), per arm.
+    Right: the final SLA − plain by position bucket, mean and spread over seeds, per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = f"val/loss@{length}"
+    fig, (over_tokens, by_position) = plt.subplots(1, 2, figsize=(13, 5))
+    curve = lambda run: {r["tokens"] / 1e6: r[metric] for r in run["evals"] if metric in r and r["iter"]}  # noqa: E731
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sla_arms = [arm for arm in summary if arm != "plain"]
+    for color, arm in zip(colors, sla_arms, strict=False):
+        seeds = sorted(summary[arm]["differences"])
+        gaps = []
+        for seed in seeds:
+            sla, plain = curve(arms[arm][seed]), curve(arms["plain"][seed])
+            tokens = sorted(sla.keys() & plain.keys())
+            gaps.append({t: sla[t] - plain[t] for t in tokens})
+            over_tokens.plot(tokens, [gaps[-1][t] for t in tokens], color=color, alpha=0.35, linewidth=1)
+        shared = sorted(set.intersection(*(set(g) for g in gaps))) if gaps else []
+        if shared:
+            over_tokens.plot(shared, [statistics.mean(g[t] for g in gaps) for t in shared], color=color,
+                             linewidth=2.5, marker="o", label=f"{arm} (mean of {len(gaps)} seeds)")  # fmt: skip
+        buckets = sorted({k for d in summary[arm]["differences"].values() for k in d if k != "all"}, key=_bucket_order)
+        if buckets:
+            values = [[d[k] for d in summary[arm]["differences"].values() if k in d] for k in buckets]
+            means = [statistics.mean(v) for v in values]
+            spreads = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
+            offset = (sla_arms.index(arm) - (len(sla_arms) - 1) / 2) * 0.15
+            by_position.errorbar([i + offset for i in range(len(buckets))], means, yerr=spreads, color=color,
+                                 marker="o", capsize=3, linestyle="none", label=arm)  # fmt: skip
+            by_position.set_xticks(range(len(buckets)), [k.removeprefix("pos") for k in buckets])
+    over_tokens.set_title(f"SLA − plain, {metric}, over training (thin: one seed)")
+    over_tokens.set_xlabel("training tokens (M)")
+    by_position.set_title("final SLA − plain by position in the window (mean ± sd over seeds)")
+    by_position.set_xlabel("positions")
+    for ax in (over_tokens, by_position):
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_ylabel("SLA − plain (nats/token; below 0: SLA better)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, png)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="train.py out_dirs or log .jsonl files")
-    parser.add_argument("--png", help="write the loss-vs-tokens plot here (needs matplotlib)")
+    parser.add_argument("runs", nargs="*", help="train.py out_dirs or log .jsonl files")
+    parser.add_argument("--ablation", metavar="DIR", help="a folder of <arm>-seed<N>.jsonl logs: compare the arms")
+    parser.add_argument("--length", type=int, help="--ablation: the evaluated length compared (default: longest)")
+    parser.add_argument("--best_sla_arm", action="store_true", help="--ablation: print the SLA arm of lowest mean")
+    parser.add_argument("--png", help="write the plot here (needs matplotlib)")
     parser.add_argument("--table", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
+    if bool(args.runs) == bool(args.ablation):
+        parser.error("give either RUN ... or --ablation DIR")
+    if args.ablation:
+        arms = read_ablation(args.ablation)
+        length = args.length or max(
+            int(key.rsplit("@", 1)[1]) for key in arms["plain"][min(arms["plain"])]["final"] if key.startswith("val/")
+        )
+        summary = ablation_summary(arms, length)
+        if args.best_sla_arm:
+            print(best_sla_arm(summary))
+            return best_sla_arm(summary)
+        table = ablation_table(summary, length)
+        print(table)
+        if args.table:
+            Path(args.table).write_text(table + "\n")
+        if args.png:
+            plot_ablation(arms, summary, length, args.png)
+        return table
     pairs = pair_runs([read_run(path) for path in args.runs])
     table = markdown_table(pairs)
     print(table)

@@ -587,6 +587,11 @@ def wrap_for_training(run: Run) -> torch.nn.Module:
         ddp_group = None if on_gpu else dist.new_group(backend="gloo")
         device_ids = [torch.cuda.current_device()] if on_gpu else None
         train_model = DDP(train_model, device_ids=device_ids, process_group=ddp_group)
+        # Under DDP, torch.compile splits the model's graph at every 25 MB gradient bucket (its "DDPOptimizer"), so
+        # that all-reduces overlap backward. We all-reduce once per optimizer step, after several micro-steps, so
+        # there is little to overlap, while the split graph slowed every micro-step: 2 H100s ran at 0.94 (small
+        # 16K) and 0.92 (medium 8K) of twice one GPU's tokens/s (results/ddp/). One graph instead.
+        torch._dynamo.config.optimize_ddp = False
     return train_model
 
 

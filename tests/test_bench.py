@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import bench
-from bench import ROW_FIELDS, BenchConfig
+from bench import DECODE_ROW_FIELDS, ROW_FIELDS, BenchConfig
 from configurator import ConfigError, parse_config
+from model import GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = dict(device="cpu", warmup_steps=1, timed_steps=2, vocab_size=256, decode_tokens=8, decode_prompt_tokens=8)
@@ -21,6 +22,12 @@ FAST = dict(device="cpu", warmup_steps=1, timed_steps=2, vocab_size=256, decode_
 
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def no_prompt_lengths_prefilled_yet(monkeypatch):
+    """Each test starts as a fresh process would: no prompt length seen by an earlier test's decode."""
+    monkeypatch.setattr(bench, "PREFILLED_LENGTHS", set())
 
 
 def test_two_shapes_plain_then_each_sla_skip(tmp_path, capsys):
@@ -43,14 +50,21 @@ def test_two_shapes_plain_then_each_sla_skip(tmp_path, capsys):
         assert row["tokens_per_s"] == pytest.approx(tokens / row["ms_per_step"] * 1000)
         assert row["mfu"] is None and row["peak_mem_gib"] is None  # no GPU
         assert 0 < row["loss"] < math.log(256) + 0.5  # from about ln(vocab), learning the one fixed batch
-        assert row["decode_prompt_tokens"] == 8 and row["decode_tokens"] == 8 and row["decode_tokens_per_s"] > 0
+        assert row["decode_tokens"] == 8 and row["decode_tokens_per_s"] > 0 and row["decode_compile_s"] > 0
+        assert row["decode_fresh_prompt"] is True and row["decode_prompt_tokens"] <= row["block_size"] - 8
+        model_config = GPTConfig(**bench.MODELS["tiny"], sla=row["sla"], sla_skip=row["sla_skip"] or 9)
+        assert row["kv_cache_bytes_per_token"] == model_config.kv_cache_bytes_per_token(torch.float32)
         assert row["n_skip_heads"] == (3 if row["sla"] else 0)  # round(0.75 * 4 heads)
         if row["sla"]:
             assert row["sla_head_ratio"] == 0.75
             assert row["ratio_step_time"] > 0 and row["ratio_decode_tokens_per_s"] > 0
             assert row["ratio_peak_mem"] is None  # no GPU memory to compare
+            # 12 layers of 4 heads, 3 skip heads: skip 9 caches no own K/V of heads 0-2 in layers 9-11, skip 1 in 11
+            assert row["ratio_kv_cache_bytes"] == {9: 39 / 48, 1: 45 / 48}[row["sla_skip"]]
         else:
             assert row["sla_head_ratio"] is None and row["ratio_step_time"] is None
+    # every model decodes after a prompt length the process had not prefilled: 8 up, then down where 16 tokens end
+    assert [row["decode_prompt_tokens"] for row in rows] == [8, 9, 10, 7, 6, 5]
     plain, sla = rows[0], rows[1]
     assert sla["ratio_step_time"] == pytest.approx(sla["ms_per_step"] / plain["ms_per_step"])
     assert plain["n_params"] == sla["n_params"]  # SLA adds no parameters
@@ -72,13 +86,57 @@ def test_repeat_alternates_and_rows_are_appended(tmp_path):
     assert all(row["decode_tokens_per_s"] is None and row["ratio_decode_tokens_per_s"] is None for row in rows)
 
 
-def test_real_data_folder(tmp_path):
+def test_decode_rows(tmp_path):
+    out, decode_out = tmp_path / "bench.jsonl", tmp_path / "decode.jsonl"
+    config = BenchConfig(
+        shapes=("tiny:64:1",), sla_skips=(9, 1), out=str(out), decode_out=str(decode_out),
+        **{**FAST, "decode_tokens": 32, "decode_prompt_tokens": 20},
+    )  # fmt: skip
+    bench.main(config)
+    rows, decode_rows = read_rows(out), read_rows(decode_out)
+    assert len(decode_rows) == 3
+    for row, decode_row in zip(rows, decode_rows, strict=True):
+        assert list(decode_row) == list(DECODE_ROW_FIELDS)
+        assert decode_row == {name: row[key] for name, key in DECODE_ROW_FIELDS.items()}
+        assert decode_row["gpu"] == "cpu" and decode_row["block_size"] == 64 and decode_row["new_tokens"] == 32
+        assert decode_row["fresh_prompt"] is True and decode_row["tokens_per_s"] > 0 and decode_row["compile_s"] > 0
+        model_config = GPTConfig(**bench.MODELS["tiny"], sla=decode_row["sla"], sla_skip=decode_row["sla_skip"] or 9)
+        assert decode_row["kv_cache_bytes_per_token"] == model_config.kv_cache_bytes_per_token(torch.float32)
+    assert [row["prompt_tokens"] for row in decode_rows] == [20, 21, 22]
+    assert [(row["sla"], row["sla_skip"], row["ratio_kv_cache_bytes"]) for row in decode_rows] == [
+        (False, None, None), (True, 9, 39 / 48), (True, 1, 45 / 48),
+    ]  # fmt: skip
+
+    # where every prompt length that fits was prefilled before, the row says so
+    bench.main(
+        BenchConfig(shapes=("tiny:16:1",), sla_skips=(1,), decode_out=str(decode_out), **{**FAST, "decode_tokens": 14})
+    )
+    assert [(row["prompt_tokens"], row["fresh_prompt"]) for row in read_rows(decode_out)[3:]] == [(2, True), (2, False)]
+
+
+def test_real_data_folder(tmp_path, monkeypatch):
+    """With --data, every training batch is a set of windows of train.bin, drawn anew each step."""
     data = tmp_path / "data"
     data.mkdir()
-    np.arange(5000, dtype=np.uint16).__mod__(257).astype(np.uint16).tofile(data / "train.bin")
+    (np.arange(5000) % 257).astype(np.uint16).tofile(data / "train.bin")  # each window counts up by one (mod 257)
     (data / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16"}))
+    batches = []
+
+    class RecordingGPT(bench.GPT):
+        def forward(self, idx, targets=None, *args, **kwargs):
+            if targets is not None:
+                batches.append((idx.clone(), targets.clone()))
+            return super().forward(idx, targets, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "GPT", RecordingGPT)
     (row,) = bench.main(BenchConfig(shapes=("tiny:16:2",), sla_skips=(), data=str(data), **{**FAST, "vocab_size": 320}))
     assert row["data"] == str(data) and row["ms_per_step"] > 0 and math.isfinite(row["loss"])
+    assert len(batches) == FAST["warmup_steps"] + FAST["timed_steps"]
+    for inputs, targets in batches:
+        assert inputs.shape == targets.shape == (2, 16)
+        assert torch.equal(inputs[:, 1:], (inputs[:, :-1] + 1) % 257)  # consecutive tokens of train.bin
+        assert torch.equal(targets, (inputs + 1) % 257)  # and the next token of each
+    assert len({inputs.numpy().tobytes() for inputs, _ in batches}) == len(batches)
 
 
 def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):

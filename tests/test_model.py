@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import GPT, CausalSelfAttention, GPTConfig
+from model import GPT, CausalSelfAttention, GPTConfig, KVCache
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -277,9 +277,9 @@ def test_kv_cache_generation_equals_full_recompute(sla, skip):
 def test_kv_cache_continuation_with_several_tokens_matches_full_pass():
     model = make_model(sla=True, sla_skip=1)
     idx = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
-    cache = [None] * model.config.n_layer
+    cache = KVCache(model.config, batch_size=2, device="cpu", dtype=torch.float32)
     model.hidden_states(idx[:, :8], cache)
-    continued = model.hidden_states(idx[:, 8:], cache)  # 12 tokens at once, after 8 cached ones
+    continued = model.hidden_states(idx[:, 8:], cache, input_pos=torch.arange(8, 20))  # 12 tokens after 8 cached
     full = model.hidden_states(idx)
     assert torch.allclose(continued, full[:, 8:], atol=1e-5)
 
@@ -359,13 +359,52 @@ def test_from_pretrained_matches_huggingface(tmp_path):
         GPT.from_pretrained(str(tmp_path), n_layer=2)
 
 
-def test_flops_and_mfu():
+def test_flops_per_token_counts_the_matmuls_of_a_training_step():
+    """6N + 12·L·C·T against torch's FLOP counter on one forward and backward pass (attention through SDPA's math
+    path, whose matmuls it counts, in full as the formula does). The counter sees only matmuls, not the 6 FLOPs
+    per token charged to each of the 288 LayerNorm gains of this bias-free model ((2 x 4 layers + 1) x 32)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_model(sla=True, sla_skip=1, bias=False).train()
+    idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx, return_logits=False)
+        loss.backward()
+    assert counter.get_total_flops() / idx.numel() + 6 * 288 == model.flops_per_token()
+    # by hand: matrices 61 x 32 (tied wte) + 4 x (32 x 96 + 32 x 32 + 2 x 32 x 128) = 51,104; attention 12 x 4 x 32 x 24
+    assert model.flops_per_token() == 6 * (51_104 + 288) + 36_864
+    assert model.flops_per_token(12) == 6 * (51_104 + 288) + 36_864 // 2
+
+
+def test_gpt2_small_flops_per_token():
+    """GPT-2 small at 1024 tokens: 6 x 123,653,376 parameters (124,439,808 without the 786,432 of wpe) plus
+    12 x 12 x 768 x 1024 for attention."""
+    with torch.device("meta"):
+        small = GPT(GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, vocab_size=50257))
+    assert small.flops_per_token() == 855_166_464
+
+
+@pytest.mark.parametrize(
+    "device_name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 989e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("Tesla V100-SXM2-16GB", None),
+        (None, None),  # no GPU
+    ],
+)
+def test_gpu_peak_lookup_and_mfu(device_name, peak, monkeypatch):
+    import model as model_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device_name is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: device_name)
+    assert model_module.gpu_peak_bf16_flops() == peak
     model = GPT(tiny_config())
-    cfg = model.config
-    assert model.flops_per_token() == 6 * model.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    assert model.flops_per_token(10) < model.flops_per_token()
-    if not torch.cuda.is_available():
-        assert model.estimate_mfu(1e6) is None
+    mfu = model.estimate_mfu(1e6, seq_len=24)
+    assert mfu == (None if peak is None else pytest.approx(model.flops_per_token(24) * 1e6 / peak))
 
 
 def test_gpt2_small_and_medium_sizes():

@@ -52,3 +52,69 @@ def test_two_runs_of_the_same_variant_are_refused(run_dirs):
 def test_a_folder_without_a_log_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no training log"):
         plot_results.main([str(tmp_path)])
+
+
+@pytest.fixture(scope="module")
+def ablation_dir(byte_data, tmp_path_factory):
+    """Logs of real tiny runs named as sla_ablation.sh names them: plain and two SLA arms, two seeds each."""
+    out = tmp_path_factory.mktemp("ablation")
+    settings = dict(
+        data_dir=str(byte_data), device="cpu", dtype="float32", n_layer=3, n_head=4, n_embd=32, block_size=64,
+        batch_size=4, gradient_accumulation_steps=1, max_iters=4, eval_interval=2, eval_iters=2, final_eval_iters=3,
+        log_interval=2, eval_block_sizes=(16, 64),
+    )  # fmt: skip
+    for arm, sla in (
+        ("plain", {}),
+        ("sla-skip1", {"sla": True, "sla_skip": 1}),
+        ("sla-skip2", {"sla": True, "sla_skip": 2}),
+    ):
+        for seed in (1, 2):
+            run = out / "runs" / f"{arm}-{seed}"
+            main(TrainConfig(**settings, **sla, seed=seed, out_dir=str(run)))
+            (out / f"{arm}-seed{seed}.jsonl").write_text((run / "log.jsonl").read_text())
+    return out
+
+
+def last_eval(log, key):
+    return [r for r in map(json.loads, log.read_text().splitlines()) if key in r][-1]
+
+
+def test_ablation_table_recomputed_from_the_logs(ablation_dir, tmp_path):
+    png, table_path = tmp_path / "ablation.png", tmp_path / "table.md"
+    table = plot_results.main(["--ablation", str(ablation_dir), "--png", str(png), "--table", str(table_path)])
+    summary_table = table.split("By position")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in summary_table.splitlines() if line.startswith(("| plain", "| sla-"))}  # fmt: skip
+    final = {
+        (arm, seed): last_eval(ablation_dir / f"{arm}-seed{seed}.jsonl", "val/loss@64")
+        for arm in ("plain", "sla-skip1", "sla-skip2")
+        for seed in (1, 2)
+    }
+    plain = [final["plain", s]["val/loss@64"] for s in (1, 2)]
+    mean, sd = plot_results.mean_sd(plain)
+    assert rows["plain"][1] == "1, 2" and rows["plain"][2] == f"{mean:.4f} ± {sd:.4f}"
+    for arm in ("sla-skip1", "sla-skip2"):
+        differences = [final[arm, s]["val/loss@64"] - final["plain", s]["val/loss@64"] for s in (1, 2)]
+        mean = sum(differences) / 2
+        sd = abs(differences[0] - differences[1]) / 2**0.5  # the sample standard deviation of two values
+        assert rows[arm][3] == f"{mean:+.4f} ± {sd:.4f}"
+        assert rows[arm][4] == ", ".join(f"{d:+.4f}" for d in differences)
+        t = abs(mean) / (sd / 2**0.5)  # paired t statistic, 1 degree of freedom: told apart beyond 12.706
+        assert rows[arm][5] == ("no" if t <= 12.706 else "yes, SLA lower" if mean < 0 else "yes, SLA higher")
+        # by position: the late bucket's paired difference
+        late = [final[arm, s]["val/loss@64/pos16-64"] - final["plain", s]["val/loss@64/pos16-64"] for s in (1, 2)]
+        position_row = next(line for line in table.splitlines() if line.startswith(f"| {arm} − plain"))
+        assert position_row.split("|")[3].strip().startswith(f"{sum(late) / 2:+.4f} ± ")
+    means = {arm: sum(final[arm, s]["val/loss@64"] for s in (1, 2)) / 2 for arm in ("sla-skip1", "sla-skip2")}
+    assert plot_results.main(["--ablation", str(ablation_dir), "--best_sla_arm"]) == min(means, key=means.get)
+    assert table_path.read_text().strip() == table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_ablation_folder_errors(ablation_dir, tmp_path):
+    (tmp_path / "plain-1.jsonl").write_text((ablation_dir / "plain-seed1.jsonl").read_text())
+    with pytest.raises(SystemExit, match=r"plain-1.jsonl is not named <arm>-seed<N>.jsonl"):
+        plot_results.main(["--ablation", str(tmp_path)])
+    (tmp_path / "plain-1.jsonl").rename(tmp_path / "sla-skip1-seed1.jsonl")
+    with pytest.raises(SystemExit, match=r"no plain-seed<N>\.jsonl"):
+        plot_results.main(["--ablation", str(tmp_path)])

@@ -56,8 +56,19 @@ def test_samples_continue_the_prompt_and_the_seed_decides_them(tmp_path, capsys)
     assert sample.main(config(out_dir, start="Hello", seed=1)) == first
     assert sample.main(config(out_dir, start="Hello", seed=2)) != first
     printed = capsys.readouterr()
-    assert first[0] in printed.out and "-" * 80 in printed.out
-    assert "tokens/s" in printed.err and "tokens/s" not in printed.out  # `sample.py > out.txt` is just the text
+    assert first[0] in printed.out and "-" * 80 in printed.out and "tokens/s" not in printed.out
+    assert "tokens/s" in printed.err and "eager decode step" in printed.err  # statistics go to stderr
+
+
+def test_compiled_decode_step_gives_the_same_samples_and_reports_compilation_apart(tmp_path, capsys):
+    out_dir = save_checkpoint(tmp_path / "run", block_size=64)
+    eager = sample.main(config(out_dir, start="Hello", seed=1, max_new_tokens=40))
+    capsys.readouterr()
+    assert sample.main(config(out_dir, start="Hello", seed=1, max_new_tokens=40, compile=True)) == eager
+    printed = capsys.readouterr()
+    assert re.search(r"decode step compiled in \d+\.\d s \(once per process\)", printed.err)
+    assert re.search(r"80 tokens in \d+\.\d\d s: [\d.]+ tokens/s.*compiled decode step", printed.err)
+    assert printed.out.count("Hello") == 2 and "tokens/s" not in printed.out
 
 
 def test_padding_ids_are_never_sampled(tmp_path):

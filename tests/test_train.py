@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_byte_data
+from torch.nn import functional as F
 
 from configurator import ConfigError, parse_config
 from train import (
     TrainConfig,
     TrainError,
     eval_window_starts,
+    get_lr,
     load_checkpoint,
     main,
     model_from_checkpoint,
@@ -71,6 +73,30 @@ def assert_losses_match(got: dict, expected: dict, tol: float):
         assert got[it] == pytest.approx(expected[it], abs=tol), f"iter {it}"
 
 
+def assert_run_is_right_on_its_own(out_dir, data_dir, max_iters: int, tokens_per_iter=2 * 4 * 64):
+    """For tests that compare a run with another run of the same code, where a bug both share would pass: every
+    step logged exactly once (only rank 0 writes; resume trims), the token counters, and the final validation
+    loss equal to the saved model's mean loss on the fixed windows, recomputed here."""
+    log = read_log(out_dir)
+    assert [line["iter"] for line in log if "train/loss" in line] == list(range(1, max_iters + 1))
+    val_iters = [line["iter"] for line in log if "val/loss@64" in line]
+    assert val_iters == sorted(set(val_iters)) and val_iters[-1] == max_iters  # each evaluation logged once
+    assert all(line["tokens"] == line["iter"] * tokens_per_iter for line in log)
+    checkpoint = load_checkpoint(str(out_dir))
+    assert checkpoint["iter_num"] == max_iters and checkpoint["tokens_seen"] == max_iters * tokens_per_iter
+    config = checkpoint["config"]
+    n_windows = (config["final_eval_iters"] or config["eval_iters"]) * config["batch_size"]  # at T = block_size
+    val = np.memmap(Path(data_dir) / "val.bin", dtype=np.uint16, mode="r")
+    starts = eval_window_starts(len(val), 64, n_windows)
+    windows = torch.from_numpy(np.stack([val[s : s + 65] for s in starts]).astype(np.int64))
+    with torch.no_grad():
+        logits, _ = model_from_checkpoint(checkpoint).eval()(windows[:, :-1], windows[:, 1:])
+    final = [line for line in log if "val/loss@64" in line][-1]
+    assert final["val/loss@64"] == pytest.approx(
+        F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item(), rel=1e-5
+    )
+
+
 def test_tiny_model_learns(byte_data, tmp_path):
     settings = tiny(byte_data, tmp_path, n_embd=64, max_iters=60, eval_interval=30, eval_iters=8, learning_rate=1e-2)
     summary = main(TrainConfig(**settings))
@@ -85,8 +111,14 @@ def test_tiny_model_learns(byte_data, tmp_path):
     assert all("iter" in line for line in log)
     assert all(log[0]["config"][key] == value for key, value in settings.items())
     assert log[0]["model_args"]["n_embd"] == 64 and log[0]["world_size"] == 1
-    train_line = next(line for line in log if "train/loss" in line)
-    assert {"lr", "ms_per_step", "tokens_per_s", "mfu"} <= train_line.keys()
+    train_lines = [line for line in log if "train/loss" in line]
+    assert [line["iter"] for line in train_lines] == list(range(1, 61))
+    assert train_lines[0]["lr"] == pytest.approx(1e-2 / 3)  # warmup: (0 + 1) / (2 + 1) of the peak
+    for line in train_lines:
+        assert line["lr"] == get_lr(line["iter"] - 1, TrainConfig(**settings))  # the step that ended at iter
+        assert line["ms_per_step"] > 0 and line["tokens"] == line["iter"] * 2 * 4 * 64
+        assert line["tokens_per_s"] * line["ms_per_step"] / 1000 == pytest.approx(2 * 4 * 64)
+        assert line["mfu"] is None  # no GPU, no peak to measure against
 
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     contract_keys = {"model", "optimizer", "model_args", "config", "iter_num", "tokens_seen", "best_val_loss", "meta"}
@@ -112,6 +144,7 @@ def test_ddp_two_processes_match_one_with_same_global_batch(byte_data, tmp_path)
     assert "1 on each of 2 processes" in torchrun_train({**settings, "out_dir": str(tmp_path / "two")})
     assert_losses_match(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"), tol=1e-5)
     assert_losses_match(val_losses(tmp_path / "two"), val_losses(tmp_path / "one"), tol=1e-5)
+    assert_run_is_right_on_its_own(tmp_path / "two", byte_data, max_iters=6)
 
 
 def test_sigterm_to_torchruns_workers_saves_and_exits_0(byte_data, tmp_path):
@@ -151,6 +184,7 @@ def test_ddp_checkpoint_resumes_under_ddp_and_in_one_process(byte_data, tmp_path
     for out_dir in ("ddp", "one"):
         assert_losses_match(train_losses(tmp_path / out_dir), train_losses(tmp_path / "reference"), tol=1e-5)
         assert_losses_match(val_losses(tmp_path / out_dir), val_losses(tmp_path / "reference"), tol=1e-5)
+        assert_run_is_right_on_its_own(tmp_path / out_dir, byte_data, max_iters=6)
 
 
 def test_resume_continues_exactly(byte_data, tmp_path):
@@ -162,6 +196,7 @@ def test_resume_continues_exactly(byte_data, tmp_path):
     main(TrainConfig(**{**interrupted, "max_iters": 8, "init_from": "resume"}))
     assert_losses_match(train_losses(tmp_path / "resumed"), train_losses(tmp_path / "reference"), tol=1e-6)
     assert_losses_match(val_losses(tmp_path / "resumed"), val_losses(tmp_path / "reference"), tol=1e-6)
+    assert_run_is_right_on_its_own(tmp_path / "resumed", byte_data, max_iters=8)
 
 
 def train_until_sigterm(command: list[str], after_line: str) -> str:
@@ -191,6 +226,7 @@ def test_sigterm_saves_and_resumes_to_the_same_losses(byte_data, tmp_path):
     assert resumed_to >= stopped_at + 2
     main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "reference"), "max_iters": resumed_to}))
     assert_losses_match(train_losses(tmp_path / "stopped"), train_losses(tmp_path / "reference"), tol=1e-6)
+    assert_run_is_right_on_its_own(tmp_path / "stopped", byte_data, max_iters=stopped_at + 3)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(byte_data, tmp_path):
@@ -278,14 +314,32 @@ def test_resume_with_other_architecture_is_an_error(byte_data, tmp_path):
 def test_init_from_a_hugging_face_gpt2_folder_with_sla(byte_data, tmp_path):
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=128, vocab_size=257)
-    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path / "hf")
-    settings = tiny(byte_data, tmp_path / "out", init_from=str(tmp_path / "hf"), sla=True, sla_skip=1, max_iters=2)
+    torch.manual_seed(0)
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # HF initialises biases to zero; make them count
+        for name, param in hf_model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(std=0.1)
+    hf_model.save_pretrained(tmp_path / "hf")
+    # learning_rate 0: AdamW (weight decay included) leaves the weights as loaded, so the checkpoint holds them
+    settings = tiny(
+        byte_data, tmp_path / "out", init_from=str(tmp_path / "hf"), sla=True, sla_skip=1, max_iters=2,
+        learning_rate=0.0, min_lr=0.0,
+    )  # fmt: skip
     summary = main(TrainConfig(**settings))
-    model_args = load_checkpoint(str(tmp_path / "out"))["model_args"]
+    checkpoint = load_checkpoint(str(tmp_path / "out"))
+    model_args = checkpoint["model_args"]
     assert model_args["block_size"] == 64 and model_args["n_head"] == 4 and model_args["sla"]  # cropped to 64
     assert summary["iter_num"] == 2 and math.isfinite(summary["val_losses"][64])
+    idx = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+        as_plain, _ = model_from_checkpoint(checkpoint, sla=False).eval()(idx, idx)
+        with_sla, _ = model_from_checkpoint(checkpoint).eval()(idx, idx)
+    assert (as_plain - expected).abs().max() < 1e-5  # the Hugging Face weights, every one in its place
+    assert (with_sla - expected).abs().max() > 1e-3  # and the run used them with SLA
     with pytest.raises(TrainError, match=r"has 128 positions; set --block_size to at most that"):
-        main(TrainConfig(**{**settings, "block_size": 256, "overwrite": True}))
+        main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "other"), "block_size": 256}))
 
 
 def test_val_shorter_than_eval_window_is_an_error(byte_data, tmp_path):
@@ -300,7 +354,27 @@ def test_wandb_missing_is_a_clear_error(byte_data, tmp_path, monkeypatch):
         main(TrainConfig(**tiny(byte_data, tmp_path, wandb_log=True)))
 
 
+def wandb_offline_records(run_file: Path):
+    """The protobuf records of an offline run's .wandb file (a LevelDB-style log: a 7-byte header, then records
+    of a 4-byte checksum, 2-byte length, 1-byte type, in 32 KiB blocks), as wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pending = run_file.read_bytes(), 7, b""
+    assert data[:4] == b":W&B", "not a wandb run file"
+    while position + 7 <= len(data):
+        if (left_in_block := 32768 - position % 32768) < 7:  # a block's tail too short for a header is padding
+            position += left_in_block
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            yield wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+
+
 def test_wandb_offline_run_logs_the_same_metrics(byte_data, tmp_path):
+    pytest.importorskip("wandb")
     settings = tiny(byte_data, tmp_path / "out", max_iters=2, eval_interval=2, wandb_log=True)
     env = {**SUBPROCESS_ENV, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     result = subprocess.run(
@@ -308,9 +382,24 @@ def test_wandb_offline_run_logs_the_same_metrics(byte_data, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    records = run_file.read_bytes()  # protobuf records: the logged keys appear as plain strings
-    for key in ("train/loss", "val/loss@64", "tokens_per_s", "learning_rate"):
-        assert key.encode() in records, key
+    logged, config = {}, {}  # (step, key) -> value; config key -> value
+    for record in wandb_offline_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            logged.update({(items["_step"], key): value for key, value in items.items() if not key.startswith("_")})
+        elif record.WhichOneof("record_type") in ("run", "config"):  # wandb.init's config, then any updates
+            updates = record.run.config.update if record.HasField("run") else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in updates})
+    assert config["learning_rate"] == 3e-3 and config["max_iters"] == 2
+    expected = {
+        (line["iter"], key): value
+        for line in read_log(tmp_path / "out")
+        for key, value in line.items()
+        if key not in ("iter", "config", "model_args") and value is not None
+    }
+    assert {key for _, key in expected} >= {"train/loss", "lr", "ms_per_step", "tokens_per_s", "val/loss@64"}
+    assert {key: logged.get(key) for key in expected} == pytest.approx(expected)  # every number, as log.jsonl has it
+    assert logged[(1, "lr")] == pytest.approx(3e-3 / 3)  # warmup's first step
 
 
 def sha256(path) -> str:

@@ -1,0 +1,365 @@
+"""
+Mutation testing: apply small, plausible bugs to model.py, train.py and the scripts, one at a time, in a scratch copy
+of the repo; run the tests that ought to catch each; report which survive.
+
+    python mutate.py                          # every mutation; writes results/mutation-report.md
+    python mutate.py --only no_clip,lr_constant
+    python mutate.py --list                   # names, files and bugs, nothing run
+    python mutate.py --full                   # the whole suite against each mutant (about 2 min each on 2 cores)
+
+A curated list of the bugs that matter (issue 17's, and others of the same kind), not a tool's exhaustive operator
+mutants: mutmut's hundreds of mutants of model.py and train.py, each against a suite of a minute or two, would take
+hours on 2 cores. A mutation whose `before` text is no longer in its file is reported as stale: update it when the
+code moves. Exit status 0 when every mutant is caught, 1 otherwise. The working tree is never modified.
+"""
+
+import argparse
+import datetime
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+PT = "tests/test_promises_train.py"
+PM = "tests/test_promises_model.py"
+SCHEDULE = f"{PT}::test_learning_rate_schedule_values"
+OPTIMIZER_STEPS = f"{PT}::test_first_and_resumed_optimizer_steps_redone_by_hand"
+COUNTERS = f"{PT}::test_always_save_checkpoint_and_counters_carried_through_resume"
+UINT32 = "tests/test_promises_data.py::test_vocabulary_above_65536_is_stored_as_uint32"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    bug: str  # what the mutant does wrong, in words
+    before: str  # exact text, found once in file
+    after: str
+    tests: tuple[str, ...]  # pytest node ids or files that should fail
+
+
+MUTATIONS = [
+    # ---- learning-rate schedule and optimizer step
+    Mutation("lr_constant", "train.py", "constant learning rate (no warmup, no decay)",
+             "    if not config.decay_lr:\n", "    if True:\n",
+             (SCHEDULE, OPTIMIZER_STEPS)),
+    Mutation("lr_no_warmup", "train.py", "no warmup: the cosine starts at iter 0",
+             "    if it < config.warmup_iters:\n", "    if False:\n",
+             (SCHEDULE, OPTIMIZER_STEPS)),
+    Mutation("lr_no_floor", "train.py", "after lr_decay_iters the cosine goes on instead of holding min_lr",
+             "    if it > config.lr_decay_iters:\n", "    if False:\n",
+             (SCHEDULE,)),
+    Mutation("lr_cosine_to_zero", "train.py", "the cosine decays the full learning rate, ignoring min_lr's share",
+             "(config.learning_rate - config.min_lr)", "config.learning_rate",
+             (SCHEDULE,)),
+    Mutation("lr_not_applied", "train.py", "the schedule is computed but the optimizer keeps the peak rate",
+             'group["lr"] = lr', 'group["lr"] = config.learning_rate',
+             (OPTIMIZER_STEPS,)),
+    Mutation("lr_warmup_off_by_one", "train.py", "warmup starts at a learning rate of 0",
+             "config.learning_rate * (it + 1) / (config.warmup_iters + 1)",
+             "config.learning_rate * it / config.warmup_iters",
+             (SCHEDULE,)),
+    Mutation("default_no_warmup", "train.py", "TrainConfig's default warmup is 0 (the GPU configs rely on it)",
+             "warmup_iters: int = 2000", "warmup_iters: int = 0",
+             (f"{PT}::test_gpu_configs_train_with_nanogpts_schedule_and_the_default_sla",)),
+    Mutation("default_no_clip", "train.py", "TrainConfig's default grad_clip is 0: no clipping in the GPU configs",
+             "grad_clip: float = 1.0", "grad_clip: float = 0.0",
+             (f"{PT}::test_gpu_configs_train_with_nanogpts_schedule_and_the_default_sla",)),
+    Mutation("betas_swapped", "train.py", "AdamW's betas passed the wrong way round",
+             "(config.beta1, config.beta2), device_type", "(config.beta2, config.beta1), device_type",
+             (OPTIMIZER_STEPS,)),
+    Mutation("weight_decay_setting_ignored", "train.py", "--weight_decay ignored (always 0.1)",
+             "config.weight_decay, config.learning_rate, (config.beta1", "0.1, config.learning_rate, (config.beta1",
+             (OPTIMIZER_STEPS,)),
+    Mutation("clip_value_ignored", "train.py", "gradients clipped at 1.0 whatever grad_clip says",
+             "clip_grad_norm_(raw_model.parameters(), config.grad_clip)",
+             "clip_grad_norm_(raw_model.parameters(), 1.0)",
+             (f"{PT}::test_gradient_clipping_scales_the_applied_gradient_to_grad_clip",)),
+    Mutation("no_clip", "train.py", "gradient clipping skipped",
+             "if config.grad_clip > 0:", "if False:",
+             (f"{PT}::test_gradient_clipping_scales_the_applied_gradient_to_grad_clip",)),
+    Mutation("loss_not_divided", "train.py", "the loss is not divided by the number of micro-steps",
+             "scaler.scale(loss / local_micro_steps).backward()", "scaler.scale(loss).backward()",
+             (OPTIMIZER_STEPS,)),
+    Mutation("decay_on_all", "model.py", "weight decay on biases and LayerNorm gains too",
+             'p.dim() < 2], "weight_decay": 0.0}', 'p.dim() < 2], "weight_decay": weight_decay}',
+             (OPTIMIZER_STEPS,)),
+    Mutation("decay_on_none", "model.py", "no weight decay on matrices",
+             'p.dim() >= 2], "weight_decay": weight_decay}', 'p.dim() >= 2], "weight_decay": 0.0}',
+             (OPTIMIZER_STEPS,)),
+    Mutation("windows_not_by_micro_step", "train.py", "every micro-step of a step draws the same windows",
+             "np.random.default_rng((config.seed, it, micro_step))", "np.random.default_rng((config.seed, it))",
+             (OPTIMIZER_STEPS,)),
+    # ---- resume, checkpoints, signals
+    Mutation("optimizer_not_restored", "train.py", "resume starts AdamW afresh",
+             '        optimizer.load_state_dict(checkpoint["optimizer"])\n', "",
+             (OPTIMIZER_STEPS,)),
+    Mutation("best_val_loss_not_restored", "train.py", "resume forgets best_val_loss",
+             'best_val_loss = checkpoint["best_val_loss"] if checkpoint else float("inf")',
+             'best_val_loss = float("inf")',
+             (COUNTERS,)),
+    Mutation("tokens_seen_not_restored", "train.py", "resume restarts the token counter at 0",
+             'tokens_seen = checkpoint["tokens_seen"] if checkpoint else 0', "tokens_seen = 0",
+             (COUNTERS,
+              OPTIMIZER_STEPS)),
+    Mutation("rng_not_restored", "train.py", "resume does not restore the RNG states (dropout differs)",
+             "            set_rng_state(saved_rng[rank])\n", "            pass\n",
+             ("tests/test_train.py::test_resume_continues_exactly",)),
+    Mutation("resume_keeps_log_lines", "train.py", "resume keeps log lines written after the last checkpoint",
+             'if json.loads(line)["iter"] <= iter_num]', "if True]",
+             (f"{PT}::test_resume_drops_log_lines_after_the_checkpoint",)),
+    Mutation("log_trim_off_by_one", "train.py", "resume also drops the lines of the checkpoint's own step",
+             'if json.loads(line)["iter"] <= iter_num]', 'if json.loads(line)["iter"] < iter_num]',
+             (f"{PT}::test_resume_drops_log_lines_after_the_checkpoint",)),
+    Mutation("checkpoint_not_atomic", "train.py", "the checkpoint is written straight to ckpt.pt, no temp + rename",
+             'torch.save(checkpoint, path + ".tmp")\n    os.replace(path + ".tmp", path)',
+             "torch.save(checkpoint, path)",
+             (f"{PT}::test_checkpoint_write_is_atomic",)),
+    Mutation("run_saves_in_place", "train.py", "the training loop writes ckpt.pt itself, in place",
+             "save_checkpoint(state, ckpt_path)", "torch.save(state, ckpt_path)",
+             (f"{PT}::test_checkpoint_write_is_atomic",)),
+    Mutation("always_save_ignored_saves", "train.py", "always_save_checkpoint ignored: saves at every evaluation",
+             "if improved or config.always_save_checkpoint or finished or stop:", "if True:",
+             (COUNTERS,)),
+    Mutation("always_save_ignored_skips", "train.py", "always_save_checkpoint ignored: saves only on improvement",
+             "if improved or config.always_save_checkpoint or finished or stop:", "if improved or finished or stop:",
+             (COUNTERS,)),
+    Mutation("sigint_not_handled", "train.py", "SIGINT is not caught (only SIGTERM saves and exits 0)",
+             "for sig in (signal.SIGTERM, signal.SIGINT)}", "for sig in (signal.SIGTERM,)}",
+             (f"{PT}::test_sigint_saves_and_exits_zero",)),
+    Mutation("sigterm_not_handled", "train.py", "SIGTERM is not caught (only SIGINT)",
+             "for sig in (signal.SIGTERM, signal.SIGINT)}", "for sig in (signal.SIGINT,)}",
+             ("tests/test_train.py::test_sigterm_saves_and_resumes_to_the_same_losses",)),
+    Mutation("divisibility_unchecked", "train.py", "gradient_accumulation_steps not checked against the world size",
+             "if config.gradient_accumulation_steps % world_size:", "if False:",
+             (f"{PT}::test_ddp_gradient_accumulation_must_divide_among_processes",)),
+    Mutation("every_rank_logs", "train.py", "every DDP rank writes log.jsonl, not rank 0 alone",
+             "    log_path, wandb_run = None, None\n    if master:",
+             "    log_path, wandb_run = None, None\n    if True:",
+             ("tests/test_train.py::test_ddp_two_processes_match_one_with_same_global_batch",)),
+    # ---- logging
+    Mutation("log_interval_ignored", "train.py", "a train line every step whatever log_interval says",
+             "if iter_num % config.log_interval == 0 and master:", "if master:",
+             (f"{PT}::test_log_interval_and_the_logged_rates",)),
+    Mutation("ms_per_step_not_per_step", "train.py", "ms_per_step is the time since the last line, not per step",
+             "step_time = (now - last_log_time) / (iter_num - last_log_iter)", "step_time = now - last_log_time",
+             (f"{PT}::test_log_interval_and_the_logged_rates",)),
+    Mutation("lr_logged_wrong", "train.py", "the log shows the peak learning rate, not the step's",
+             '"lr": lr,', '"lr": config.learning_rate,',
+             (f"{PT}::test_log_interval_and_the_logged_rates", "tests/test_train.py::test_tiny_model_learns")),
+    Mutation("tokens_per_iter_without_accumulation", "train.py", "tokens per step forget the micro-steps",
+             "tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * config.block_size",
+             "tokens_per_iter = config.batch_size * config.block_size",
+             (f"{PT}::test_log_interval_and_the_logged_rates",)),
+    Mutation("wandb_drops_lr", "train.py", "wandb is not sent the learning rate",
+             'if key not in ("iter", "config", "model_args")}', 'if key not in ("iter", "config", "model_args", "lr")}',
+             ("tests/test_train.py::test_wandb_offline_run_logs_the_same_metrics",)),
+    # ---- evaluation
+    Mutation("no_eval_at_start", "train.py", "no evaluation before the first step",
+             "val_losses = run_evaluation(config.eval_iters) if iter_num == 0 else None", "val_losses = None",
+             (f"{PT}::test_log_interval_and_the_logged_rates",)),
+    Mutation("no_eval_at_end", "train.py", "no evaluation at the end unless max_iters is a multiple of eval_interval",
+             "if iter_num % config.eval_interval == 0 or finished:", "if iter_num % config.eval_interval == 0:",
+             (f"{PT}::test_log_interval_and_the_logged_rates",)),
+    Mutation("eval_batch_size_default", "train.py", "evaluation batches of batch_size windows at every length",
+             "config.eval_batch_size or max(1, config.batch_size * config.block_size // T)",
+             "config.eval_batch_size or config.batch_size",
+             (f"{PT}::test_evaluation_windows_lengths_and_batch_sizes",)),
+    Mutation("eval_lengths_off_by_one", "train.py", "default evaluation lengths leave out the one equal to block_size",
+             "(4096, 8192, 16384) if T <= block_size)", "(4096, 8192, 16384) if T < block_size)",
+             (f"{PT}::test_default_eval_block_sizes",)),
+    Mutation("eval_windows_from_global_rng", "train.py", "evaluation windows drawn from the global numpy RNG",
+             "np.random.default_rng((EVAL_SEED, block_size)).integers(0, n_tokens - block_size, size=n_windows)",
+             "np.random.randint(0, n_tokens - block_size, size=n_windows)",
+             (f"{PT}::test_evaluation_windows_lengths_and_batch_sizes",
+              f"{PT}::test_evaluate_does_not_depend_on_global_random_state")),
+    Mutation("eval_leaves_eval_mode", "train.py", "evaluation leaves the model in eval mode (dropout off)",
+             "    model.train(was_training)\n", "",
+             (f"{PT}::test_evaluate_does_not_depend_on_global_random_state",)),
+    Mutation("uint32_read_as_uint16", "train.py", "token files always read as uint16",
+             'dtype=np.dtype(meta["dtype"])', "dtype=np.uint16",
+             (f"{PT}::test_uint32_token_files_are_read_as_uint32",)),
+    # ---- model: SLA head count, loss, FLOPs, sampling
+    Mutation("skip_heads_int", "model.py", "int() instead of round() for the skip-head count",
+             "return round(self.sla_head_ratio * self.n_head) if self.sla else 0",
+             "return int(self.sla_head_ratio * self.n_head) if self.sla else 0",
+             (PM,)),
+    Mutation("chunked_backward_ignores_upstream", "model.py", "the chunked loss's backward ignores grad_loss",
+             "return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None",
+             "return grad_hidden, grad_weight.to(ctx.weight_dtype), None, None",
+             (f"{PM}::test_chunked_loss_backward_scales_with_the_upstream_gradient",)),
+    Mutation("chunked_loss_drops_last_chunk", "model.py", "the chunked loss skips its ragged last chunk",
+             "for start in range(0, hidden.size(0), chunk_size):",
+             "for start in range(0, hidden.size(0) - chunk_size + 1, chunk_size):",
+             ("tests/test_model.py::test_chunked_loss_matches_full_logits_loss_and_gradients",)),
+    Mutation("skip_source_off_by_one", "model.py", "skip heads read layer l - sla_skip + 1",
+             "            return layer - self.sla_skip\n", "            return layer - self.sla_skip + 1\n",
+             ("tests/test_model.py::test_logits_match_naive_float64_reference",)),
+    Mutation("generate_ignores_top_k", "model.py", "generate samples from all tokens whatever top_k says",
+             "if top_k is not None:", "if False:",
+             (PM, "tests/test_promises_sample.py")),
+    Mutation("generate_top_k_plus_one", "model.py", "generate keeps k + 1 tokens",
+             "torch.topk(logits, min(top_k, logits.size(-1)))", "torch.topk(logits, min(top_k + 1, logits.size(-1)))",
+             (PM,)),
+    Mutation("generate_ignores_temperature", "model.py", "generate samples at temperature 1 whatever it is given",
+             "logits = logits / temperature", "logits = logits",
+             (PM, "tests/test_promises_sample.py")),
+    Mutation("flops_attention_halved", "model.py", "attention FLOPs counted as 6·L·C·T",
+             "12 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size)",
+             "6 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size)",
+             ("tests/test_model.py::test_flops_per_token_counts_the_matmuls_of_a_training_step",
+              "tests/test_model.py::test_gpt2_small_flops_per_token")),
+    Mutation("flops_count_position_embeddings", "model.py", "FLOPs charge the position embeddings as weights",
+             "6 * self.get_num_params() +", "6 * self.get_num_params(non_embedding=False) +",
+             ("tests/test_model.py::test_flops_per_token_counts_the_matmuls_of_a_training_step",
+              "tests/test_model.py::test_gpt2_small_flops_per_token")),
+    Mutation("gpu_peak_a100_sparse", "model.py", "the A100's sparse peak (624 TFLOPS) instead of the dense one",
+             '("A100", 312e12)', '("A100", 624e12)',
+             ("tests/test_model.py::test_gpu_peak_lookup_and_mfu",)),
+    # ---- scripts
+    Mutation("sample_drops_top_k", "sample.py", "sample.py does not pass --top_k to generate",
+             "config.max_new_tokens, config.temperature, config.top_k, generator",
+             "config.max_new_tokens, config.temperature, None, generator",
+             ("tests/test_promises_sample.py",)),
+    Mutation("sample_drops_temperature", "sample.py", "sample.py samples at temperature 1 whatever --temperature says",
+             "config.max_new_tokens, config.temperature, config.top_k, generator",
+             "config.max_new_tokens, 1.0, config.top_k, generator",
+             ("tests/test_promises_sample.py",)),
+    Mutation("prepare_seed_ignored", "prepare_openwebtext.py", "--seed does not change the validation split",
+             "np.random.default_rng(seed).choice(", "np.random.default_rng(0).choice(",
+             ("tests/test_promises_data.py::test_seed_decides_the_validation_split",)),
+    Mutation("prepare_meta_always_uint16", "prepare_openwebtext.py", "meta.json says uint16 for any vocabulary",
+             'dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"', 'dtype = "uint16"',
+             (UINT32,)),
+    Mutation("prepare_tokens_always_uint16", "prepare_openwebtext.py", "token files written as uint16 always",
+             "dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32", "dtype = np.uint16",
+             (UINT32,)),
+    Mutation("bench_data_ignored", "bench.py", "bench.py --data is ignored: always synthetic batches",
+             'if config.data == "synthetic":\n        # Step time', 'if True:\n        # Step time',
+             ("tests/test_bench.py::test_real_data_folder",)),
+]  # fmt: skip
+
+
+def scratch_copy(destination: Path) -> Path:
+    """The repo's tracked and untracked, not ignored, files under destination/repo; destination/shared points at
+    the real ../shared, where the tests find their data."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    repo = destination / "repo"
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    if (REPO.parent / "shared").exists():
+        (destination / "shared").symlink_to(REPO.parent / "shared")
+    return repo
+
+
+def run_tests(repo: Path, tests: tuple[str, ...], timeout: int) -> tuple[int, str, float]:
+    """pytest's exit status, the first failing test, and the seconds it took."""
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+            cwd=repo, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return 124, f"timed out after {timeout} s", time.perf_counter() - started
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.MULTILINE)
+    detail = failed.group(1) if failed else (result.stdout.strip().splitlines() or [""])[-1]
+    return result.returncode, detail, time.perf_counter() - started
+
+
+def write_report(path: Path, rows: list[dict], started: datetime.datetime, full: bool, seconds: float):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    counts = {verdict: sum(row["verdict"] == verdict for row in rows) for verdict in ("caught", "SURVIVED", "stale")}
+    lines = [
+        "# Mutation report",
+        "",
+        f"`python mutate.py{' --full' if full else ''}` (`make mutate`) on {started:%Y-%m-%d %H:%M} UTC, commit "
+        f"{commit.stdout.strip()}{' with uncommitted changes' if dirty else ''}, {seconds / 60:.1f} min: "
+        f"**{counts['caught']} of {len(rows)} mutants caught**, {counts['SURVIVED']} survived, "
+        f"{counts['stale']} stale.",
+        "",
+        "Each mutant is one small bug applied to a scratch copy of the repo; caught means the listed tests "
+        f"({'the whole suite' if full else 'the ones meant to catch it'}) went red.",
+        "",
+        "| mutant | file | bug | verdict | first failing test | s |",
+        "|---|---|---|---|---|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| `{row['name']}` | {row['file']} | {row['bug']} | {row['verdict']} | {row['detail']} | "
+            f"{row['seconds']:.0f} |"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="comma-separated mutant names")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--full", action="store_true", help="run the whole suite against each mutant")
+    parser.add_argument("--report", default="results/mutation-report.md", help="'' writes none")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per mutant")
+    args = parser.parse_args(argv)
+
+    mutations = MUTATIONS
+    if args.only:
+        names = args.only.split(",")
+        if unknown := set(names) - {m.name for m in MUTATIONS}:
+            parser.error(f"unknown mutants {sorted(unknown)}; --list shows them")
+        mutations = [m for m in MUTATIONS if m.name in names]
+    if args.list:
+        for m in mutations:
+            print(f"{m.name:40} {m.file:24} {m.bug}")
+        return 0
+
+    started, clock = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mutate-") as scratch:
+        repo = scratch_copy(Path(scratch))
+        baseline_tests = () if args.full else tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+        print(f"baseline: the {'whole suite' if args.full else f'{len(baseline_tests)} test targets'} unmutated")
+        status, detail, seconds = run_tests(repo, baseline_tests, args.timeout * 2)
+        if status != 0:
+            print(f"the unmutated tests fail ({detail}): fix them first", file=sys.stderr)
+            return 2
+        print(f"  green in {seconds:.0f} s")
+        rows = []
+        for number, m in enumerate(mutations, 1):
+            path = repo / m.file
+            original = path.read_text()
+            row = {"name": m.name, "file": m.file, "bug": m.bug, "detail": "", "seconds": 0.0}
+            if original.count(m.before) != 1:
+                row.update(verdict="stale", detail=f"`before` text found {original.count(m.before)} times")
+            else:
+                path.write_text(original.replace(m.before, m.after))
+                try:
+                    status, detail, seconds = run_tests(repo, () if args.full else m.tests, args.timeout)
+                finally:
+                    path.write_text(original)
+                row.update(verdict="caught" if status != 0 else "SURVIVED", detail=detail, seconds=seconds)
+            print(f"[{number}/{len(mutations)}] {m.name}: {row['verdict']} ({row['detail']}, {row['seconds']:.0f} s)")
+            rows.append(row)
+    elapsed = time.perf_counter() - clock
+    if args.report:
+        write_report(REPO / args.report, rows, started, args.full, elapsed)
+        print(f"wrote {args.report}")
+    survivors = [row["name"] for row in rows if row["verdict"] != "caught"]
+    print(f"{len(rows) - len(survivors)} of {len(rows)} caught" + (f"; not caught: {survivors}" if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

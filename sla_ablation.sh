@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Issue 14: does SLA lower validation loss at 16K, and under which reading of "skip layers"? GPT-2 small at 16K,
+# plain against SLA (9 of 12 heads) with sla_skip 9, 3 and 1, several seeds; 65.5M tokens per run, one GPU each.
+#
+#   bash sla_ablation.sh                    # the next runs not yet in results/sla-ablation-16k/, one per GPU
+#   bash sla_ablation.sh sla-skip3-seed2    # this run only (names: <arm>-seed<N>)
+#   python plot_results.py --ablation results/sla-ablation-16k --png results/sla-ablation-16k/ablation.png
+#
+# The campaign spans GPU sessions: a run whose log already sits in results/sla-ablation-16k/ is done, so each call
+# starts the next ones in this order: seed 1 of every arm, then seed 2, then seed 3 of plain and of the SLA arm
+# with the lowest mean final val/loss@16384 over its seeds. As many runs start at once as there are GPUs
+# (MAX_RUNS to change). Corpus: the Python sources of this Python's site-packages, gpt2 tokens, files in sorted
+# path order (a package's files next to each other), 2.5% of the files held out; the first session records its
+# token counts, and a later session whose corpus differs stops. New logs go to $LOG_DEST. Needs datasets
+# (prepare) and tiktoken's BPE files (TIKTOKEN_CACHE_DIR offline).
+set -euo pipefail
+cd "$(dirname "$0")"
+export PYTHONUNBUFFERED=1
+RESULTS=${RESULTS:-results/sla-ablation-16k}  # the campaign's logs: a run logged here is done
+LOG_DEST=${LOG_DEST:-$RESULTS}
+WORK=${WORK:-/tmp/sla-ablation}
+DATA=${DATA:-$WORK/pysrc}  # prepared here unless it holds a meta.json
+PYTHON=${PYTHON:-python3}
+EXTRA_ARGS=${EXTRA_ARGS:-}  # appended to every train.py call, e.g. a tiny CPU model to check this script
+ARMS="plain sla-skip9 sla-skip3 sla-skip1"
+mkdir -p "$LOG_DEST" "$WORK"
+
+if [ ! -f "$DATA/meta.json" ]; then
+    SITE=$($PYTHON -c 'import site; print(site.getsitepackages()[0])')
+    $PYTHON prepare_openwebtext.py --files "$SITE/**/*.py" --encoding_errors replace --val_fraction 0.025 \
+        --out_dir "$DATA" --stats_json "$WORK/prepare-pysrc.json"
+fi
+# every run of the campaign must see the same corpus: compare token counts with the first session's
+$PYTHON - "$DATA/meta.json" "$RESULTS/prepare-pysrc.json" "$LOG_DEST/prepare-pysrc.json" <<'EOF'
+import json, os, shutil, sys
+meta_path, recorded_path, dest = sys.argv[1:]
+counts = lambda meta: {split: meta["splits"][split]["tokens"] for split in ("train", "val")}
+meta = json.load(open(meta_path))
+if os.path.exists(recorded_path):
+    recorded = json.load(open(recorded_path))
+    if counts(meta) != counts(recorded):
+        sys.exit(f"error: this corpus has {counts(meta)} tokens, the campaign's ({recorded_path}) {counts(recorded)}: "
+                 f"runs on it would not compare; prepare the campaign's corpus or start a new results folder")
+elif not os.path.exists(dest):
+    stats = os.path.join(os.path.dirname(meta_path), "..", "prepare-pysrc.json")
+    shutil.copy(stats if os.path.exists(stats) else meta_path, dest)
+EOF
+
+best_sla_arm() {  # the SLA arm with the lowest mean final val/loss@16384 over its logged seeds
+    $PYTHON plot_results.py --ablation "$RESULTS" --best_sla_arm
+}
+
+pending() {
+    local seed arm order=""
+    for seed in 1 2; do
+        for arm in $ARMS; do order="$order $arm-seed$seed"; done
+    done
+    order="$order plain-seed3"
+    local all_seed2_done=1
+    for arm in $ARMS; do [ -f "$RESULTS/$arm-seed2.jsonl" ] || all_seed2_done=0; done
+    [ $all_seed2_done = 1 ] && order="$order $(best_sla_arm)-seed3"
+    for run in $order; do
+        [ -f "$RESULTS/$run.jsonl" ] || echo "$run"
+    done
+}
+
+train() {  # run name, GPU index
+    local run=$1 arm=${1%-seed*} seed=${1##*-seed} sla_flags="--sla=False"
+    [ "$arm" != plain ] && sla_flags="--sla --sla_skip=${arm#sla-skip}"
+    rm -rf "${WORK:?}/$run"
+    CUDA_VISIBLE_DEVICES=$2 $PYTHON train.py config/sla_ablation_16k.py $sla_flags --seed="$seed" \
+        --data_dir="$DATA" --out_dir="$WORK/$run" $EXTRA_ARGS > "$WORK/$run.txt" 2>&1 \
+        || { tail -n 30 "$WORK/$run.txt"; echo "== $run failed (GPU $2)"; return 1; }
+    cp "$WORK/$run/log.jsonl" "$LOG_DEST/$run.jsonl"
+    echo "== $run done (GPU $2): $(grep 'val/loss@' "$WORK/$run.txt" | tail -n 1)"
+}
+
+if [ $# -gt 0 ]; then
+    runs=("$@")
+else
+    mapfile -t runs < <(pending)
+fi
+GPUS=$($PYTHON -c 'import torch; print(max(1, torch.cuda.device_count()))')
+MAX_RUNS=${MAX_RUNS:-$GPUS}
+runs=("${runs[@]:0:$MAX_RUNS}")
+[ ${#runs[@]} -gt 0 ] || { echo "every run of the campaign is in $RESULTS"; exit 0; }
+echo "starting ${runs[*]} on $GPUS GPU(s)"
+pids=()
+for i in "${!runs[@]}"; do
+    train "${runs[$i]}" $((i % GPUS)) &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
