@@ -171,9 +171,9 @@ def test_checkpoint_trained_by_train_py(tmp_path):
     [
         (["--top_k=0"], "top_k must be >= 1"),
         (["--top_k=-1"], "top_k must be >= 1"),
-        (["--temperature=1e-45"], "temperature must be 0 (greedy) or >= 0.001"),
-        (["--temperature=-1"], "temperature must be 0 (greedy) or >= 0.001"),
-        (["--temperature=nan"], "temperature must be 0 (greedy) or >= 0.001"),
+        (["--temperature=1e-45"], "temperature must be 0 (greedy) or >= 1e-06"),
+        (["--temperature=-1"], "temperature must be 0 (greedy) or >= 1e-06"),
+        (["--temperature=nan"], "temperature must be 0 (greedy) or >= 1e-06"),
         (["--device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
     ],
 )
