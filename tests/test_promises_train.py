@@ -29,6 +29,7 @@ from configurator import parse_config
 from model import GPT
 from train import (
     TrainConfig,
+    TrainError,
     default_eval_block_sizes,
     drop_log_lines_after,
     eval_window_starts,
@@ -353,8 +354,9 @@ def test_checkpoint_write_is_atomic(byte_data, tmp_path, monkeypatch):
     save_checkpoint({"iter_num": 1, "weights": torch.arange(4.0)}, path)
     real_save = torch.save
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(TrainError, match=r"cannot save ckpt.pt in .*: No space left on device; .* left as it was"):
         save_checkpoint({"iter_num": 2, "weights": torch.zeros(4)}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the torn temporary file is removed
     monkeypatch.setattr(torch, "save", real_save)
     previous = load_checkpoint(path)
     assert previous["iter_num"] == 1 and torch.equal(previous["weights"], torch.arange(4.0))
@@ -368,7 +370,7 @@ def test_checkpoint_write_is_atomic(byte_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", second_save_crashes)
     run = settings(byte_data, tmp_path / "run", max_iters=4, eval_interval=2)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(TrainError, match="No space left"):
         main(TrainConfig(**run))
     monkeypatch.setattr(torch, "save", real_save)
     assert saves == [2, 4] and load_checkpoint(run["out_dir"])["iter_num"] == 2

@@ -224,9 +224,11 @@ def test_sigterm_saves_and_resumes_to_the_same_losses(byte_data, tmp_path):
     train_until_sigterm(command, f"iter {stopped_at + 2}:")
     resumed_to = load_checkpoint(str(tmp_path / "stopped"))["iter_num"]
     assert resumed_to >= stopped_at + 2
-    main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "reference"), "max_iters": resumed_to}))
+    # one more step to max_iters, so the run ends with its final evaluation
+    main(TrainConfig(**{**settings, "init_from": "resume", "max_iters": resumed_to + 1}))
+    main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "reference"), "max_iters": resumed_to + 1}))
     assert_losses_match(train_losses(tmp_path / "stopped"), train_losses(tmp_path / "reference"), tol=1e-6)
-    assert_run_is_right_on_its_own(tmp_path / "stopped", byte_data, max_iters=stopped_at + 3)
+    assert_run_is_right_on_its_own(tmp_path / "stopped", byte_data, max_iters=resumed_to + 1)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(byte_data, tmp_path):
