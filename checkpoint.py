@@ -7,6 +7,7 @@ tokenizer included), and for resuming: optimizer, scaler, config, iter_num, toke
 (each rank's RNG states; the data windows follow from iter_num). train.py's training_state() builds it.
 """
 
+import contextlib
 import os
 import pickle
 import random
@@ -32,23 +33,47 @@ def save_checkpoint(checkpoint: dict, path: str):
     write the same one. A failed write (full disk, read-only folder) removes it and raises a TrainError.
     """
     temp_path = f"{path}.{os.getpid()}.tmp"
+    writer = _WholeWrites()
     try:
-        # through a Python file, so a failed write raises OSError with its cause (torch's own writer says only
-        # "iostream error")
-        with open(temp_path, "wb") as f:
-            torch.save(checkpoint, f)
+        with open(temp_path, "wb", buffering=0) as temp_file:
+            writer.raw_file = temp_file
+            torch.save(checkpoint, writer)
         os.replace(temp_path, path)
-    except OSError as err:
-        try:
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(temp_path)
-        except FileNotFoundError:
-            pass
+        err = writer.error or err  # torch reports a failed write mid-file only as "unexpected pos"
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
         folder = os.path.dirname(os.path.abspath(path))
         kept = f"{path} left as it was" if os.path.exists(path) else f"no {os.path.basename(path)} written"
         raise TrainError(
-            f"cannot save {os.path.basename(path)} in {folder}: {err.strerror or err}; {kept}. "
+            f"cannot save {os.path.basename(path)} in {folder}: {cause}; {kept}. "
             f"Free space or make the folder writable, then resume with --init_from=resume"
         ) from None
+
+
+class _WholeWrites:
+    """The file torch.save writes to: each write() writes all its bytes, and keeps the OSError of one that fails."""
+
+    raw_file = None
+    error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[self.raw_file.write(view) :]
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        return len(data)
+
+    def flush(self):
+        self.raw_file.flush()
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -72,8 +97,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
             f"(they could run code): it is not a checkpoint that train.py wrote"
         ) from None
     except Exception as err:  # a damaged archive fails in many ways; the message names the file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainError(f"{damaged} ({reason})") from None
+        raise TrainError(f"{damaged} ({_first_line(err)})") from None
     missing = [key for key in READ_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise TrainError(
@@ -90,8 +114,7 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
         # train.py saves the bare model; a torch.compile'd module's state dict has its keys prefixed
         model.load_state_dict({key.removeprefix("_orig_mod."): value for key, value in checkpoint["model"].items()})
     except (TypeError, ValueError, RuntimeError, AttributeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainError(f"the checkpoint's weights do not fit its model_args: {reason}") from None
+        raise TrainError(f"the checkpoint's weights do not fit its model_args: {_first_line(err)}") from None
     return model
 
 
@@ -103,10 +126,9 @@ def pretrained_model(name_or_dir: str, **overrides) -> GPT:
     try:
         return GPT.from_pretrained(name_or_dir, **overrides)
     except (OSError, ImportError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrainError(
-            f"cannot load GPT-2 weights {name_or_dir!r} ({reason}): give one of {PRETRAINED}, or a Hugging Face "
-            f"GPT-2 folder"
+            f"cannot load GPT-2 weights {name_or_dir!r} ({_first_line(err)}): give one of {PRETRAINED}, "
+            f"or a Hugging Face GPT-2 folder"
         ) from None
 
 

@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -525,6 +526,22 @@ def test_a_full_disk_names_the_folder_and_keeps_the_last_checkpoint(byte_data, t
         main(TrainConfig(**{**settings, "init_from": "resume", "max_iters": 6}))
     assert not temp_path.exists() and not temp_path.is_symlink()  # the temporary file is removed
     assert sha256(tmp_path / "ckpt.pt") == before
+
+
+def test_a_write_that_fails_mid_file_names_its_cause(tmp_path):
+    """A disk that fills up part-way through the file: here the file-size limit stops the write at 100 kB."""
+    save_checkpoint({"weights": torch.zeros(10)}, str(tmp_path / "ckpt.pt"))
+    before = sha256(tmp_path / "ckpt.pt")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG), no signal kills us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+    try:
+        with pytest.raises(TrainError, match=rf"cannot save ckpt.pt in {tmp_path}: File too large; .* left as it was"):
+            save_checkpoint({"weights": torch.zeros(1_000_000)}, str(tmp_path / "ckpt.pt"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert [path.name for path in tmp_path.iterdir()] == ["ckpt.pt"] and sha256(tmp_path / "ckpt.pt") == before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
