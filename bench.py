@@ -213,7 +213,8 @@ def fa4_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Causal attention: the output (B, T, n_head, head_dim) and the log-sum-exp of each row's scores (B, n_head, T)."""
     from flash_attn.cute import flash_attn_func
 
-    out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
+    with torch.no_grad():  # the operator's autograd formula is _fa4_backward, not FA4's own autograd.Function
+        out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
     return out.contiguous(), lse.contiguous()
 
 
