@@ -1,36 +1,52 @@
 """
-Training-step time, peak memory and decode speed of plain GPT-2 and its SLA variants, measured in one run.
+Training-step time, peak memory and decode speed of plain GPT-2, its SLA variants and (--peer) nanoGPT's model.py,
+measured side by side in one process.
 
     python bench.py --shapes=tiny:64:2 --device=cpu                                     # a quick CPU check
-    python bench.py --shapes=small:4096:4,small:8192:2 --compile --out=results/bench-h100.jsonl
+    python bench.py --peer=.carry/nanogpt --shapes=small:4096:4,medium:8192:1 --compile --sla_skips=9 \
+        --out=results/bench-vs-nanogpt-h100.jsonl
 
-A shape is model:block_size:batch_size with model one of MODELS. For each shape the plain model is measured
-first, then one SLA model per --sla_skips entry, and each SLA row carries its ratios to that plain row
-(--repeat=2 alternates the whole round twice, to show the noise). Every step is train.py's: autocast, the
-memory-lean loss (return_logits=False; --loss_impl=full: the whole logits and one cross-entropy, as nanoGPT),
-backward, gradient clipping at 1.0, AdamW (fused on CUDA) and zero_grad(set_to_none=True), with the next batch
-drawn between forward and backward. Each step is timed between two device synchronisations; the median (and
-mean) of --timed_steps steps after --warmup_steps is reported. Decode speed is model.generate with the static KV
-cache (its decode step compiled with --compile), batch 1: --decode_tokens new tokens after a prompt of a length
-this process has not prefilled before (--decode_prompt_tokens, or the next unused length), prefill included,
-timed after a warm-up generation whose time is reported apart (compile_s). Each row is printed as it comes and
-appended to --out as a JSON line, so several runs can fill one file; --decode_out gets the decode rows alone
-(DECODE_ROW_FIELDS). A table ends the run. A model that runs out of memory gets a row with "error" and the run
-goes on.
+A shape is model:block_size:batch_size with model one of MODELS. For each shape the plain model, nanoGPT's GPT
+(--peer=DIR: DIR/model.py loaded by path, built with the same shape, bias and vocabulary, dropout 0) and one SLA
+model per --sla_skips entry are built and warmed up (the first step compiles with --compile), then timed round-robin:
+--rounds rounds, each running --block_steps steps of every model in turn, so that clock drift and heat hit all of
+them alike. All models of a shape are alive together (--round_robin=False builds, times and frees them one at a time,
+for shapes whose models do not fit on the device together). Every model runs the same step, train.py's: autocast,
+forward with targets (ours: the memory-lean loss, --loss_impl=full: nanoGPT's whole-logits loss; nanoGPT: its own
+forward), the next batch drawn, backward, gradient clipping at 1.0, AdamW (fused on CUDA; nanoGPT's own
+configure_optimizers) and zero_grad(set_to_none=True). The steps of a block run back to back; on CUDA each step's
+time is the interval between CUDA events recorded at its start and end. A row reports the median (and mean) over
+all rounds*block_steps timed steps, tokens/s, MFU, peak memory (the model's own resident memory plus the most its
+steps allocated above what was allocated before its block) and ratio_vs_nanogpt (nanoGPT's ms / the row's ms).
+The levers --compile_mode, --compile_optimizer, --sdpa_backend and --attention apply to our models only; nanoGPT
+runs as published (compiled with torch.compile's defaults under --compile).
+
+Decode speed (our models) is model.generate with the static KV cache (its decode step compiled with --compile),
+batch 1: --decode_tokens new tokens after a prompt of a length this process has not prefilled before
+(--decode_prompt_tokens, or the next unused length), prefill included, timed after a warm-up generation whose time is
+reported apart (compile_s). The rows of a shape are printed and appended to --out as JSON lines once it is measured,
+so several runs can fill one file; --decode_out gets the decode rows alone (DECODE_ROW_FIELDS). A table ends the run.
+A model that runs out of memory gets a row with "error" and the run goes on without it.
 """
 
 import gc
+import importlib.util
+import itertools
 import json
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch._dynamo
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import autocast_context, check_device, check_dtype, parse_cli, resolve_device, resolve_dtype
@@ -51,29 +67,35 @@ SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's
+ATTENTIONS = ("sdpa", "fa4")
+FA4_PACKAGE = "flash-attn-4==4.0.0b36"  # the version whose API fa4_forward and fa4_backward were written against
 
 
 # Every JSON line has these keys, in this order (None where a value does not apply or was not measured).
 ROW_FIELDS = (
     # what was measured
-    "gpu", "torch", "shape", "model", "block_size", "batch_size", "sla", "sla_skip", "sla_head_ratio",
-    "n_skip_heads", "sla_recompute_kv", "compile", "dtype", "sdpa_backend", "loss_impl", "data", "vocab_size",
-    "bias", "warmup_steps", "timed_steps", "repeat", "n_params",
+    "gpu", "torch", "shape", "size", "model", "block_size", "batch_size", "sla", "sla_skip", "sla_head_ratio",
+    "n_skip_heads", "sla_recompute_kv", "compile", "compile_mode", "compile_optimizer", "attention", "dtype",
+    "sdpa_backend", "loss_impl", "data", "vocab_size", "bias", "round_robin", "warmup_steps", "rounds",
+    "block_steps", "n_params",
     # training steps
-    "ms_per_step", "ms_per_step_mean", "ms_per_step_min", "ms_per_step_max", "first_step_s", "tokens_per_s",
-    "mfu", "peak_mem_gib", "loss",
-    # KV-cache decoding
+    "ms_per_step", "ms_per_step_mean", "ms_per_step_min", "ms_per_step_max", "timed_steps", "first_step_s",
+    "tokens_per_s", "mfu", "peak_mem_gib", "step_mem_gib", "first_loss", "loss",
+    # KV-cache decoding (our models)
     "decode_prompt_tokens", "decode_fresh_prompt", "decode_tokens", "decode_tokens_per_s", "decode_compile_s",
     "kv_cache_bytes_per_token",
-    # SLA rows: SLA / plain of the same shape and round
+    # against nanoGPT (--peer) of the same shape: its ms/step over this row's
+    "ratio_vs_nanogpt",
+    # SLA rows: SLA / plain of the same shape
     "ratio_step_time", "ratio_peak_mem", "ratio_decode_tokens_per_s", "ratio_kv_cache_bytes",
     "error",
 )  # fmt: skip
 # The rows of --decode_out: a training row's decode measurement under the names of issue 15's results table.
 DECODE_ROW_FIELDS = {
-    "gpu": "gpu", "torch": "torch", "shape": "shape", "model": "model", "block_size": "block_size", "sla": "sla",
-    "sla_skip": "sla_skip", "sla_head_ratio": "sla_head_ratio", "n_skip_heads": "n_skip_heads",
-    "compile": "compile", "dtype": "dtype", "sdpa_backend": "sdpa_backend", "repeat": "repeat",
+    "gpu": "gpu", "torch": "torch", "shape": "shape", "size": "size", "model": "model", "block_size": "block_size",
+    "sla": "sla", "sla_skip": "sla_skip", "sla_head_ratio": "sla_head_ratio", "n_skip_heads": "n_skip_heads",
+    "compile": "compile", "dtype": "dtype", "sdpa_backend": "sdpa_backend", "attention": "attention",
     "prompt_tokens": "decode_prompt_tokens", "fresh_prompt": "decode_fresh_prompt", "new_tokens": "decode_tokens",
     "tokens_per_s": "decode_tokens_per_s", "compile_s": "decode_compile_s",
     "kv_cache_bytes_per_token": "kv_cache_bytes_per_token", "ratio_tokens_per_s": "ratio_decode_tokens_per_s",
@@ -83,16 +105,16 @@ DECODE_ROW_FIELDS = {
 
 class Shape(NamedTuple):
     name: str  # as given, e.g. "small:8192:2"
-    model: str
+    size: str  # a key of MODELS
     block_size: int
     batch_size: int
 
 
 def parse_shape(text: str) -> Shape:
-    model, *numbers = text.split(":")
-    if model not in MODELS or len(numbers) != 2 or not all(n.isdigit() and int(n) > 0 for n in numbers):
+    size, *numbers = text.split(":")
+    if size not in MODELS or len(numbers) != 2 or not all(n.isdigit() and int(n) > 0 for n in numbers):
         raise ValueError(f"shapes: {text!r} is not model:block_size:batch_size with model one of {sorted(MODELS)}")
-    return Shape(text, model, int(numbers[0]), int(numbers[1]))
+    return Shape(text, size, int(numbers[0]), int(numbers[1]))
 
 
 @dataclass
@@ -104,14 +126,20 @@ class BenchConfig:
     sla_skips: tuple[int, ...] = (9, 1)  # one SLA model per skip distance; () measures the plain model alone
     sla_head_ratio: float = 0.75
     sla_recompute_kv: bool = True  # False: SLA layers keep their mixed K/V for backward (more memory, less copying)
-    compile: bool = False
-    warmup_steps: int = 8
-    timed_steps: int = 20
-    repeat: int = 1  # rounds of plain + SLA models per shape
+    peer: str = ""  # a folder holding nanoGPT's model.py: its GPT is measured beside ours; '' measures ours alone
+    compile: bool = False  # torch.compile every model
+    # levers, for our models only (nanoGPT runs as published):
+    compile_mode: str = "default"  # torch.compile's mode: one of COMPILE_MODES (needs --compile unless 'default')
+    compile_optimizer: bool = False  # compile clipping + AdamW's step (AdamW then foreach, not fused)
+    sdpa_backend: str = "auto"  # 'auto' (PyTorch picks) | 'flash' | 'cudnn' | 'efficient' | 'math'
+    attention: str = "sdpa"  # 'sdpa' | 'fa4': FlashAttention-4 (CUDA, Hopper/Blackwell) for causal attention
+    warmup_steps: int = 5  # untimed steps per model before the rounds; the first one compiles
+    rounds: int = 4  # rounds of timed blocks
+    block_steps: int = 15  # steps per model per round
+    round_robin: bool = True  # False: one model at a time (built, warmed up, timed, freed), for tight memory
     data: str = "synthetic"  # 'synthetic' (one fixed random batch) | a folder with train.bin and meta.json
     device: str = "auto"  # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:N'
     dtype: str = "auto"  # 'auto' (bfloat16 on CUDA, float16 if unsupported; float32 on CPU) | 'bfloat16' | ...
-    sdpa_backend: str = "auto"  # 'auto' (PyTorch picks) | 'flash' | 'cudnn' | 'efficient' | 'math'
     # 'chunked': train.py's memory-lean loss; 'full': the whole logits tensor and one cross-entropy, as nanoGPT
     loss_impl: str = "chunked"
     bias: bool = False  # as nanoGPT's benchmark measured GPT-2
@@ -119,7 +147,7 @@ class BenchConfig:
     decode_tokens: int = 256  # new tokens of the decode measurement (fewer if block_size is short); 0 skips it
     decode_prompt_tokens: int = 128  # or the next length this process has not prefilled yet
     seed: int = 0
-    profile_steps: int = 0  # > 0: after timing, profile this many more steps and print the busiest kernels
+    profile_steps: int = 0  # > 0: after timing, profile this many more steps per model and print the busiest kernels
     out: str = ""  # JSON-lines file the rows are appended to; '' prints only
     decode_out: str = ""  # JSON-lines file the decode rows (DECODE_ROW_FIELDS) are appended to; '' writes none
 
@@ -128,22 +156,32 @@ class BenchConfig:
         if not shapes:
             raise ValueError("shapes: give at least one model:block_size:batch_size")
         for shape in shapes:
-            n_layer, n_head = MODELS[shape.model]["n_layer"], MODELS[shape.model]["n_head"]
+            n_layer, n_head = MODELS[shape.size]["n_layer"], MODELS[shape.size]["n_head"]
             for skip in self.sla_skips:
                 if not 1 <= skip < n_layer:
-                    raise ValueError(
-                        f"sla_skips: {skip} must be in [1, {n_layer}) for {shape.model}'s {n_layer} layers"
-                    )
+                    raise ValueError(f"sla_skips: {skip} must be in [1, {n_layer}) for {shape.size}'s {n_layer} layers")
             if self.sla_skips and round(self.sla_head_ratio * n_head) == 0:
-                raise ValueError(f"sla_head_ratio: {self.sla_head_ratio} of {shape.model}'s {n_head} heads is 0 heads")
-        if min(self.warmup_steps, self.decode_tokens, self.profile_steps) < 0 or min(self.timed_steps, self.repeat) < 1:
-            raise ValueError("warmup_steps, decode_tokens and profile_steps must be >= 0, timed_steps and repeat >= 1")
+                raise ValueError(f"sla_head_ratio: {self.sla_head_ratio} of {shape.size}'s {n_head} heads is 0 heads")
+        if min(self.decode_tokens, self.profile_steps) < 0:
+            raise ValueError("decode_tokens and profile_steps must be >= 0")
+        if min(self.warmup_steps, self.rounds, self.block_steps) < 1:
+            raise ValueError("warmup_steps, rounds and block_steps must be >= 1 (the first warm-up step compiles)")
         check_dtype(self.dtype)
-        check_device(self.device)
         if self.loss_impl not in ("chunked", "full"):
             raise ValueError(f"loss_impl must be chunked or full, got {self.loss_impl!r}")
         if self.sdpa_backend not in ("auto", *SDPA_BACKENDS):
             raise ValueError(f"sdpa_backend must be auto or one of {sorted(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode: {self.compile_mode!r} applies to compiled models: add --compile")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.attention == "fa4":
+            check_fa4(resolve_device(self.device))
+        check_device(self.device)  # after fa4's check, whose message says more about a missing GPU
+        if self.peer and not (Path(self.peer) / "model.py").is_file():
+            raise ValueError(f"peer: {Path(self.peer) / 'model.py'} not found (give the folder of nanoGPT's model.py)")
         if self.data != "synthetic":
             for name in ("train.bin", "meta.json"):
                 if not (Path(self.data) / name).is_file():
@@ -151,6 +189,72 @@ class BenchConfig:
             data_vocab_size = json.loads((Path(self.data) / "meta.json").read_text())["vocab_size"]
             if data_vocab_size > self.vocab_size:
                 raise ValueError(f"vocab_size: {self.vocab_size} is less than {self.data}'s {data_vocab_size}")
+
+
+# --attention=fa4: FlashAttention-4 (the flash-attn-4 package's flash_attn.cute, for Hopper and Blackwell GPUs) in
+# place of SDPA in model.py's attend(), for causal attention without a mask (training steps, prefill). Its
+# autograd.Function cannot be traced by torch.compile, so its forward and backward are custom operators with
+# shape-only (fake) implementations: a compiled graph calls them as opaque kernels, and SLA's selective
+# checkpointing saves the attention's output as it saves SDPA's instead of running the kernel again in backward.
+# q, k, v and the output are (B, T, n_head, head_dim), FA4's layout and attend()'s.
+
+
+def check_fa4(device: str):
+    """--attention=fa4 needs a CUDA device and flash_attn.cute; a ValueError saying which is missing."""
+    if not device.startswith("cuda"):
+        raise ValueError(f"attention: fa4 runs on CUDA GPUs (Hopper or Blackwell) only, not on {device!r}; use sdpa")
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"attention: fa4 needs the {FA4_PACKAGE} package (pip install it): {err}") from None
+
+
+@torch.library.custom_op("sla_gpt::fa4_forward", mutates_args=())
+def fa4_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal attention: the output (B, T, n_head, head_dim) and the log-sum-exp of each row's scores (B, n_head, T)."""
+    from flash_attn.cute import flash_attn_func
+
+    with torch.no_grad():  # the operator's autograd formula is _fa4_backward, not FA4's own autograd.Function
+        out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
+    return out.contiguous(), lse.contiguous()
+
+
+@fa4_forward.register_fake
+def _(q, k, v):
+    batch_size, seq_len, n_head, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch_size, n_head, seq_len), dtype=torch.float32)
+
+
+@torch.library.custom_op("sla_gpt::fa4_backward", mutates_args=())
+def fa4_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of q, k and v, given the output's gradient dout and fa4_forward's out and lse."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@fa4_backward.register_fake
+def _(dout, q, k, v, out, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _fa4_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return fa4_backward(dout.contiguous(), q, k, v, out, lse)
+
+
+fa4_forward.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+
+
+def fa4_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return fa4_forward(q, k, v)[0]
 
 
 def batch_source(config: BenchConfig, shape: Shape, device: str):
@@ -228,66 +332,229 @@ def measure_decode(model: GPT, config: BenchConfig, device: str, autocast) -> di
     }
 
 
-def measure(config: BenchConfig, shape: Shape, sla_skip: int | None, device: str, dtype: str) -> dict:
-    """Build one model, run warm-up and timed training steps, then decode; the measured fields of its row."""
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
-    autocast = autocast_context(device, dtype)
+def load_peer(folder: str) -> ModuleType:
+    """nanoGPT's model.py from folder, imported by path as it is (its code is never copied here)."""
+    path = Path(folder) / "model.py"
+    spec = importlib.util.spec_from_file_location("nanogpt_peer_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and torch.compile look a class's module up here
+    spec.loader.exec_module(module)
+    return module
 
-    torch.manual_seed(config.seed)  # plain and SLA models start from the same weights
-    sla = {"sla": True, "sla_skip": sla_skip, "sla_head_ratio": config.sla_head_ratio} if sla_skip else {}
-    model_config = GPTConfig(
-        block_size=shape.block_size, vocab_size=config.vocab_size, bias=config.bias, **MODELS[shape.model], **sla
-    )
-    model = GPT(model_config).to(device)
-    for block in model.transformer.h:  # this model only: the class-wide default stays as it is
-        block.attn.recompute_mixed_kv = config.sla_recompute_kv
-    optimizer = model.configure_optimizers(
-        weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type=device_type
-    )
-    train_model = torch.compile(model) if config.compile else model
-    next_batch = batch_source(config, shape, device)
 
+def make_train_step(forward, model: nn.Module, optimizer, next_batch, autocast, compile_optimizer: bool = False):
+    """
+    train.py's step, the same for every model measured: forward(inputs, targets) -> loss under autocast, the next
+    batch drawn while the device works, backward, clipping at 1.0, the optimizer's step (compiled together with the
+    clipping if compile_optimizer, as PyTorch's compiled-optimizer recipe does), zero_grad(set_to_none=True). The
+    function returned runs one step and returns its loss, a tensor of its own on the device.
+    """
+
+    def clip_and_step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    if compile_optimizer:
+        clip_and_step = torch.compile(clip_and_step)
     batch = next_batch()
 
     def train_step():
         nonlocal batch
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph modes: the last step's outputs are used up
         with autocast:
-            _, loss = train_model(*batch, return_logits=config.loss_impl == "full")
+            loss = forward(*batch)
         batch = next_batch()  # as train.py: the next batch is fetched while the device works on this one
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clip_and_step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach().clone()  # a CUDA graph's output would be overwritten by the next step
 
-    step_seconds = []
-    for _ in range(config.warmup_steps + config.timed_steps):
-        synchronize()
-        started = time.perf_counter()
-        loss = train_step()
-        synchronize()
-        step_seconds.append(time.perf_counter() - started)
-    if config.profile_steps:
-        print_profile(train_step, config.profile_steps, device_type)
-    timed_ms = [seconds * 1000 for seconds in step_seconds[config.warmup_steps :]]
-    ms_per_step = statistics.median(timed_ms)
-    tokens_per_s = shape.batch_size * shape.block_size / (ms_per_step / 1000)
-    row = {
-        "n_params": model.get_num_params(),
-        "ms_per_step": ms_per_step,
-        "ms_per_step_mean": statistics.mean(timed_ms),
-        "ms_per_step_min": min(timed_ms),
-        "ms_per_step_max": max(timed_ms),
-        "first_step_s": step_seconds[0],  # compilation included
-        "tokens_per_s": tokens_per_s,
-        "mfu": model.estimate_mfu(tokens_per_s, seq_len=shape.block_size),
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None,
-        "loss": loss.item(),
-    }
-    if config.decode_tokens > 0:
-        row.update(measure_decode(model, config, device, autocast))
-    return row
+    return train_step
+
+
+def build_ours(config: BenchConfig, shape: Shape, sla_skip: int | None, device: str, autocast):
+    """Our plain (sla_skip None) or SLA model with the levers of config applied, and its training step."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    torch.manual_seed(config.seed)  # plain and SLA models start from the same weights
+    sla = {"sla": True, "sla_skip": sla_skip, "sla_head_ratio": config.sla_head_ratio} if sla_skip else {}
+    model_config = GPTConfig(
+        block_size=shape.block_size, vocab_size=config.vocab_size, bias=config.bias, **MODELS[shape.size], **sla
+    )
+    model = GPT(model_config).to(device)
+    for block in model.transformer.h:  # this model only: the class-wide defaults stay as they are
+        block.attn.recompute_mixed_kv = config.sla_recompute_kv
+        if config.attention == "fa4":
+            block.attn.causal_attention = fa4_causal_attention
+    optimizer = model.configure_optimizers(
+        weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type=device_type
+    )
+    if config.compile_optimizer:  # the same groups; foreach, which the compiler fuses into its own kernels
+        groups = [
+            {"params": group["params"], "weight_decay": group["weight_decay"]} for group in optimizer.param_groups
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), foreach=True)
+    if config.compile:
+        train_model = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
+    else:
+        train_model = model
+
+    def forward(inputs, targets):
+        return train_model(inputs, targets, return_logits=config.loss_impl == "full")[1]
+
+    next_batch = batch_source(config, shape, device)
+    return model, make_train_step(forward, model, optimizer, next_batch, autocast, config.compile_optimizer)
+
+
+def build_peer(peer: ModuleType, config: BenchConfig, shape: Shape, device: str, autocast):
+    """nanoGPT's GPT of the same shape, as its train.py builds, optimizes and compiles it, and its training step."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    torch.manual_seed(config.seed)
+    peer_config = peer.GPTConfig(
+        block_size=shape.block_size, vocab_size=config.vocab_size, dropout=0.0, bias=config.bias, **MODELS[shape.size]
+    )
+    model = peer.GPT(peer_config).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
+    train_model = torch.compile(model) if config.compile else model
+
+    def forward(inputs, targets):
+        return train_model(inputs, targets)[1]  # nanoGPT's forward: (logits, loss)
+
+    # our batches, made contiguous as nanoGPT's get_batch makes them (its loss takes views of the targets)
+    source = batch_source(config, shape, device)
+    if config.data == "synthetic":  # one fixed batch: copied once
+        fixed_batch = tuple(tensor.contiguous() for tensor in source())
+        next_batch = lambda: fixed_batch  # noqa: E731
+    else:
+        next_batch = lambda: tuple(tensor.contiguous() for tensor in source())  # noqa: E731
+    return model, make_train_step(forward, model, optimizer, next_batch, autocast)
+
+
+@dataclass
+class Contender:
+    """One model of a shape: its row, how to build it, and what its steps measured."""
+
+    row: dict
+    build: Callable  # () -> (model, train_step)
+    context: Callable  # () -> the context its steps run in (our models: --sdpa_backend)
+    model: nn.Module | None = None
+    train_step: Callable | None = None
+    step_ms: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    resident_bytes: int = 0  # what stays allocated between its steps: weights, optimizer state, batches
+    step_bytes: int = 0  # the most its steps allocated above what was allocated before them
+
+    @property
+    def alive(self) -> bool:
+        return self.model is not None
+
+    def drop(self, device: str):
+        self.model = self.train_step = None
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def is_out_of_memory(err: RuntimeError) -> bool:
+    return "out of memory" in str(err)  # torch.OutOfMemoryError, or one that the compiler wrapped
+
+
+def warm_up(contender: Contender, config: BenchConfig, device: str):
+    """Build the model and run its warm-up steps; its first step's time (compilation included) and loss."""
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    allocated_before = torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
+    with contender.context():
+        contender.model, contender.train_step = contender.build()
+        contender.row["n_params"] = contender.model.get_num_params()
+        for step in range(config.warmup_steps):
+            started = time.perf_counter()
+            loss = contender.train_step()
+            synchronize()
+            if step == 0:
+                contender.row["first_step_s"] = time.perf_counter() - started
+                contender.row["first_loss"] = loss.item()
+    if device.startswith("cuda"):
+        contender.resident_bytes = torch.cuda.memory_allocated(device) - allocated_before
+
+
+def run_block(contender: Contender, steps: int, device: str):
+    """steps training steps back to back: each one's time (ms), its loss and the memory the block allocated."""
+    with contender.context():
+        if not device.startswith("cuda"):  # the CPU computes as it goes: the host's clock times each step
+            for _ in range(steps):
+                started = time.perf_counter()
+                contender.losses.append(contender.train_step().item())
+                contender.step_ms.append((time.perf_counter() - started) * 1000)
+            return
+        torch.cuda.synchronize(device)
+        allocated_before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        losses = []
+        events[0].record()
+        for step in range(steps):
+            losses.append(contender.train_step())
+            events[step + 1].record()
+        torch.cuda.synchronize(device)
+    contender.step_ms += [start.elapsed_time(end) for start, end in itertools.pairwise(events)]
+    contender.losses += [loss.item() for loss in losses]
+    contender.step_bytes = max(contender.step_bytes, torch.cuda.max_memory_allocated(device) - allocated_before)
+
+
+def record_error(contender: Contender, err: RuntimeError, device: str):
+    if not is_out_of_memory(err):
+        raise err
+    contender.row["error"] = "out of memory: " + str(err).splitlines()[0][:200]
+    print(f"    {contender.row['model']} {contender.row['sla_skip'] or ''}: {contender.row['error']}", flush=True)
+    contender.drop(device)
+
+
+def measure_group(group: list[Contender], config: BenchConfig, shape: Shape, device: str, autocast):
+    """Warm up every model of group, time them round-robin, then fill their rows (and decode our models)."""
+    for contender in group:
+        try:
+            warm_up(contender, config, device)
+        except RuntimeError as err:
+            record_error(contender, err, device)
+    for _ in range(config.rounds):
+        for contender in filter(lambda c: c.alive, group):
+            try:
+                run_block(contender, config.block_steps, device)
+            except RuntimeError as err:
+                record_error(contender, err, device)
+    flops = flops_reference(config, shape)
+    for contender in filter(lambda c: c.alive, group):
+        row = contender.row
+        ms_per_step = statistics.median(contender.step_ms)
+        tokens_per_s = shape.batch_size * shape.block_size / (ms_per_step / 1000)
+        row.update(
+            ms_per_step=ms_per_step,
+            ms_per_step_mean=statistics.mean(contender.step_ms),
+            ms_per_step_min=min(contender.step_ms),
+            ms_per_step_max=max(contender.step_ms),
+            timed_steps=len(contender.step_ms),
+            tokens_per_s=tokens_per_s,
+            mfu=flops.estimate_mfu(tokens_per_s, seq_len=shape.block_size),
+            loss=contender.losses[-1],
+        )
+        if device.startswith("cuda"):
+            row["peak_mem_gib"] = (contender.resident_bytes + contender.step_bytes) / 2**30
+            row["step_mem_gib"] = contender.step_bytes / 2**30
+        if config.profile_steps:
+            with contender.context():
+                print_profile(contender.train_step, config.profile_steps, device.split(":")[0])
+        if row["model"] != "nanogpt" and config.decode_tokens > 0:
+            with contender.context():
+                row.update(measure_decode(contender.model, config, device, autocast))
+        contender.drop(device)
+
+
+def flops_reference(config: BenchConfig, shape: Shape) -> GPT:
+    """A plain model of the shape, without memory (meta device), for MFU: every row of a shape does its FLOPs (SLA
+    adds none, nanoGPT's GPT is the same network), so all rows are measured against the same count."""
+    with torch.device("meta"):
+        return GPT(
+            GPTConfig(block_size=shape.block_size, vocab_size=config.vocab_size, bias=config.bias, **MODELS[shape.size])
+        )
 
 
 def print_profile(train_step, steps: int, device_type: str):
@@ -306,7 +573,7 @@ def print_profile(train_step, steps: int, device_type: str):
 
 
 def free_device_memory(device: str):
-    """Forget compiled graphs and cached blocks, so that each model is measured on an empty device."""
+    """Forget compiled graphs and cached blocks, so that each shape (or model) is measured on an empty device."""
     torch._dynamo.reset()
     gc.collect()
     if device.startswith("cuda"):
@@ -316,16 +583,40 @@ def free_device_memory(device: str):
 
 def print_table(rows: list[dict]):
     columns = [
-        ("shape", "{}"), ("sla_skip", "{}"), ("ms_per_step", "{:.2f}"), ("ms_per_step_mean", "{:.2f}"),
-        ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}"), ("peak_mem_gib", "{:.2f}"),
-        ("decode_tokens_per_s", "{:.1f}"), ("decode_compile_s", "{:.2f}"), ("ratio_step_time", "{:.3f}"),
-        ("ratio_peak_mem", "{:.3f}"), ("ratio_kv_cache_bytes", "{:.4f}"), ("error", "{}"),
+        ("shape", "{}"), ("model", "{}"), ("sla_skip", "{}"), ("ms_per_step", "{:.2f}"), ("ms_per_step_mean", "{:.2f}"),
+        ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}"), ("peak_mem_gib", "{:.2f}"), ("step_mem_gib", "{:.2f}"),
+        ("ratio_vs_nanogpt", "{:.3f}"), ("ratio_step_time", "{:.3f}"), ("ratio_peak_mem", "{:.3f}"),
+        ("decode_tokens_per_s", "{:.1f}"), ("decode_compile_s", "{:.2f}"), ("ratio_kv_cache_bytes", "{:.4f}"),
+        ("error", "{}"),
     ]  # fmt: skip
     cells = [[name for name, _ in columns]]
     cells += [["-" if row[name] is None else fmt.format(row[name]) for name, fmt in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     for line in cells:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def print_row(row: dict):
+    label = f"{row['shape']} {row['model']}" + (f" skip {row['sla_skip']}" if row["sla"] else "")
+    if row["error"]:
+        print(f"  {label}: {row['error']}", flush=True)
+        return
+    peak = "" if row["peak_mem_gib"] is None else f", peak {row['peak_mem_gib']:.2f} GiB"
+    vs_nanogpt = "" if row["ratio_vs_nanogpt"] is None else f", nanoGPT/this {row['ratio_vs_nanogpt']:.3f}"
+    vs_plain = "" if row["ratio_step_time"] is None else f", SLA/plain step time {row['ratio_step_time']:.3f}"
+    print(
+        f"  {label}: {row['ms_per_step']:.2f} ms/step (median of {row['timed_steps']}; mean "
+        f"{row['ms_per_step_mean']:.2f}), first step {row['first_step_s']:.1f} s{peak}{vs_nanogpt}{vs_plain}",
+        flush=True,
+    )
+    if row["decode_tokens_per_s"] is not None:
+        fresh = "fresh" if row["decode_fresh_prompt"] else "seen"
+        print(
+            f"    decode {row['decode_tokens_per_s']:.1f} tokens/s ({row['decode_tokens']} tokens after a {fresh} "
+            f"{row['decode_prompt_tokens']}-token prompt), warm-up {row['decode_compile_s']:.2f} s, "
+            f"KV cache {row['kv_cache_bytes_per_token']:,} bytes/token",
+            flush=True,
+        )
 
 
 def append_row(path: str, row: dict):
@@ -335,7 +626,7 @@ def append_row(path: str, row: dict):
 
 
 def main(config: BenchConfig) -> list[dict]:
-    """Measure every shape's plain and SLA models; print, append to config.out, and return the rows."""
+    """Measure every shape's plain, nanoGPT and SLA models; print, append to config.out, and return the rows."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if device == "cuda":
@@ -344,51 +635,82 @@ def main(config: BenchConfig) -> list[dict]:
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # as train.py: TF32 for float32 matmuls outside autocast
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    print(f"{gpu}, torch {torch.__version__}, {dtype}, compile={config.compile}, sdpa_backend={config.sdpa_backend}")
+    autocast = autocast_context(device, dtype)
+    peer = load_peer(config.peer) if config.peer else None
+    print(
+        f"{gpu}, torch {torch.__version__}, {dtype}, compile={config.compile} (mode {config.compile_mode}), "
+        f"compile_optimizer={config.compile_optimizer}, sdpa_backend={config.sdpa_backend}, "
+        f"attention={config.attention}, peer={config.peer or '-'}, {config.rounds} rounds of {config.block_steps} "
+        f"steps per model{'' if config.round_robin else ', one model at a time'}"
+    )
 
-    shapes = [parse_shape(text) for text in config.shapes]
-    runs = [(shape, r, skip) for shape in shapes for r in range(config.repeat) for skip in (None, *config.sla_skips)]
+    def ours_context():  # a new one each time: sdpa_kernel's can be entered only once
+        return nullcontext() if config.sdpa_backend == "auto" else sdpa_kernel(SDPA_BACKENDS[config.sdpa_backend])
+
     rows: list[dict] = []
-    for number, (shape, repeat, sla_skip) in enumerate(runs, start=1):
-        label = f"{shape.name} " + ("plain" if sla_skip is None else f"SLA skip {sla_skip}")
-        print(f"[{number}/{len(runs)}] {label}: {'compiling, ' if config.compile else ''}measuring ...", flush=True)
-        n_skip_heads = round(config.sla_head_ratio * MODELS[shape.model]["n_head"]) if sla_skip else 0
-        row = dict.fromkeys(ROW_FIELDS) | {
-            "gpu": gpu,
-            "torch": torch.__version__,
-            "shape": shape.name,
-            "model": shape.model,
-            "block_size": shape.block_size,
-            "batch_size": shape.batch_size,
-            "sla": sla_skip is not None,
-            "sla_skip": sla_skip,
-            "sla_head_ratio": config.sla_head_ratio if sla_skip else None,
-            "n_skip_heads": n_skip_heads,
-            "sla_recompute_kv": config.sla_recompute_kv if sla_skip else None,
-            "compile": config.compile,
-            "dtype": dtype,
-            "sdpa_backend": config.sdpa_backend,
-            "loss_impl": config.loss_impl,
-            "data": config.data,
-            "vocab_size": config.vocab_size,
-            "bias": config.bias,
-            "warmup_steps": config.warmup_steps,
-            "timed_steps": config.timed_steps,
-            "repeat": repeat,
-        }
-        free_device_memory(device)
-        try:
-            # a new context each time: sdpa_kernel's can be entered only once
-            with nullcontext() if config.sdpa_backend == "auto" else sdpa_kernel(SDPA_BACKENDS[config.sdpa_backend]):
-                row.update(measure(config, shape, sla_skip, device, dtype))
-        except RuntimeError as err:  # torch.OutOfMemoryError, or one that the compiler wrapped
-            if "out of memory" not in str(err):
-                raise
-            row["error"] = "out of memory: " + str(err).splitlines()[0][:200]
+    for number, shape in enumerate(parse_shape(text) for text in config.shapes):
+        print(f"[{number + 1}/{len(config.shapes)}] {shape.name}: building, warming up, timing ...", flush=True)
+        common = dict.fromkeys(ROW_FIELDS) | {
+            "gpu": gpu, "torch": torch.__version__, "shape": shape.name, "size": shape.size,
+            "block_size": shape.block_size, "batch_size": shape.batch_size, "compile": config.compile,
+            "dtype": dtype, "data": config.data, "vocab_size": config.vocab_size, "bias": config.bias,
+            "round_robin": config.round_robin, "warmup_steps": config.warmup_steps, "rounds": config.rounds,
+            "block_steps": config.block_steps, "sla": False, "n_skip_heads": 0,
+        }  # fmt: skip
+        ours = {
+            "compile_mode": config.compile_mode, "compile_optimizer": config.compile_optimizer,
+            "attention": config.attention, "sdpa_backend": config.sdpa_backend, "loss_impl": config.loss_impl,
+        }  # fmt: skip
 
-        if sla_skip is None:
-            plain = row
-        elif row["error"] is None and plain["error"] is None:
+        def our_contender(sla_skip, shape=shape, ours=ours, common=common):
+            row = common | ours | {"model": "sla" if sla_skip else "plain"}
+            if sla_skip:
+                row |= {
+                    "sla": True, "sla_skip": sla_skip, "sla_head_ratio": config.sla_head_ratio,
+                    "n_skip_heads": round(config.sla_head_ratio * MODELS[shape.size]["n_head"]),
+                    "sla_recompute_kv": config.sla_recompute_kv,
+                }  # fmt: skip
+            return Contender(row, lambda: build_ours(config, shape, sla_skip, device, autocast), ours_context)
+
+        contenders = [our_contender(None)]
+        if peer is not None:
+            as_published = {
+                "model": "nanogpt", "compile_mode": "default", "compile_optimizer": False, "attention": "sdpa",
+                "sdpa_backend": "auto", "loss_impl": "full",
+            }  # fmt: skip
+            contenders.append(
+                Contender(
+                    common | as_published, lambda s=shape: build_peer(peer, config, s, device, autocast), nullcontext
+                )
+            )
+        contenders += [our_contender(skip) for skip in config.sla_skips]
+
+        for group in [contenders] if config.round_robin else [[contender] for contender in contenders]:
+            free_device_memory(device)
+            measure_group(group, config, shape, device, autocast)
+
+        shape_rows = [contender.row for contender in contenders]
+        add_ratios(shape_rows)
+        for row in shape_rows:
+            print_row(row)
+            if config.out:
+                append_row(config.out, row)
+            if config.decode_out and row["model"] != "nanogpt" and config.decode_tokens > 0:
+                append_row(config.decode_out, {name: row[key] for name, key in DECODE_ROW_FIELDS.items()})
+        rows += shape_rows
+
+    print_table(rows)
+    return rows
+
+
+def add_ratios(shape_rows: list[dict]):
+    """ratio_vs_nanogpt on every row (nanoGPT's ms / the row's), SLA rows' ratios to the plain row."""
+    plain = next(row for row in shape_rows if row["model"] == "plain")
+    nanogpt = next((row for row in shape_rows if row["model"] == "nanogpt"), None)
+    for row in shape_rows:
+        if row["error"] is None and nanogpt is not None and nanogpt["error"] is None:
+            row["ratio_vs_nanogpt"] = nanogpt["ms_per_step"] / row["ms_per_step"]
+        if row["sla"] and row["error"] is None and plain["error"] is None:
             for ratio, key in (
                 ("ratio_step_time", "ms_per_step"),
                 ("ratio_peak_mem", "peak_mem_gib"),
@@ -397,32 +719,6 @@ def main(config: BenchConfig) -> list[dict]:
             ):
                 if row[key] is not None and plain[key]:
                     row[ratio] = row[key] / plain[key]
-        rows.append(row)
-        if row["error"]:
-            print(f"    {row['error']}", flush=True)
-        else:
-            peak = "" if row["peak_mem_gib"] is None else f", peak {row['peak_mem_gib']:.2f} GiB"
-            ratio = "" if row["ratio_step_time"] is None else f", SLA/plain step time {row['ratio_step_time']:.3f}"
-            print(
-                f"    {row['ms_per_step']:.2f} ms/step (median; mean {row['ms_per_step_mean']:.2f}), "
-                f"first step {row['first_step_s']:.1f} s{peak}{ratio}",
-                flush=True,
-            )
-            if row["decode_tokens_per_s"] is not None:
-                fresh = "fresh" if row["decode_fresh_prompt"] else "seen"
-                print(
-                    f"    decode {row['decode_tokens_per_s']:.1f} tokens/s ({row['decode_tokens']} tokens after a "
-                    f"{fresh} {row['decode_prompt_tokens']}-token prompt), warm-up {row['decode_compile_s']:.2f} s, "
-                    f"KV cache {row['kv_cache_bytes_per_token']:,} bytes/token",
-                    flush=True,
-                )
-        if config.out:
-            append_row(config.out, row)
-        if config.decode_out and config.decode_tokens > 0:
-            append_row(config.decode_out, {name: row[key] for name, key in DECODE_ROW_FIELDS.items()})
-
-    print_table(rows)
-    return rows
 
 
 if __name__ == "__main__":

@@ -81,6 +81,9 @@ class CausalSelfAttention(nn.Module):
     # SLA layers rebuild their mixed K/V in backward rather than keep them (see forward); False keeps them: faster
     # by a copy per SLA layer, 2*B*T*C values more memory each. bench.py --sla_recompute_kv=False measures it.
     recompute_mixed_kv = True
+    # A function (q, k, v) -> causal attention in attend()'s layout, used in place of SDPA where attend() has no mask
+    # (training, prefill); None: SDPA. bench.py --attention=fa4 sets it on the models it measures.
+    causal_attention = None
 
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -133,6 +136,8 @@ class CausalSelfAttention(nn.Module):
         Attention of q (B, T, n_head, head_dim) over k, v (B, T_kv, n_head, head_dim): causal (T_kv = T) without
         attn_mask, else to the positions where attn_mask (T, T_kv) is True.
         """
+        if attn_mask is None and self.causal_attention is not None:
+            return self.causal_attention(q, k, v)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),

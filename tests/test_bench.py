@@ -1,10 +1,13 @@
-"""bench.py on CPU with tiny shapes: the rows it writes, their ratios, real data, out-of-memory rows, bad settings."""
+"""bench.py on CPU with tiny shapes: the rows it writes, their ratios, nanoGPT beside ours timed round-robin, the
+levers, FA4's custom operators (around a reference stand-in for the kernel), real data, out-of-memory rows, bad
+settings."""
 
 import json
 import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,10 @@ from configurator import ConfigError, parse_config
 from model import GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = dict(device="cpu", warmup_steps=1, timed_steps=2, vocab_size=256, decode_tokens=8, decode_prompt_tokens=8)
+PEER = REPO.parent / "shared" / "peers" / "nanogpt"  # nanoGPT's model.py, read in place
+FAST = dict(
+    device="cpu", warmup_steps=1, rounds=2, block_steps=1, vocab_size=256, decode_tokens=8, decode_prompt_tokens=8
+)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -42,14 +48,18 @@ def test_two_shapes_plain_then_each_sla_skip(tmp_path, capsys):
     for row in rows:
         assert list(row) == list(ROW_FIELDS)
         assert row["gpu"] == "cpu" and row["torch"] == torch.__version__ and row["error"] is None
-        assert row["model"] == "tiny" and row["compile"] is False and row["dtype"] == "float32"
+        assert row["size"] == "tiny" and row["model"] == ("sla" if row["sla"] else "plain")
+        assert row["compile"] is False and row["compile_mode"] == "default" and row["compile_optimizer"] is False
+        assert row["attention"] == "sdpa" and row["dtype"] == "float32" and row["round_robin"] is True
         assert row["sdpa_backend"] == "auto" and row["bias"] is False and row["data"] == "synthetic"
+        assert row["timed_steps"] == 2 and row["ratio_vs_nanogpt"] is None  # 2 rounds of 1 step; no --peer
         assert 0 < row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
         assert row["ms_per_step_min"] <= row["ms_per_step_mean"] <= row["ms_per_step_max"]
         tokens = row["batch_size"] * row["block_size"]
         assert row["tokens_per_s"] == pytest.approx(tokens / row["ms_per_step"] * 1000)
-        assert row["mfu"] is None and row["peak_mem_gib"] is None  # no GPU
-        assert 0 < row["loss"] < math.log(256) + 0.5  # from about ln(vocab), learning the one fixed batch
+        assert row["mfu"] is None and row["peak_mem_gib"] is None and row["step_mem_gib"] is None  # no GPU
+        assert row["first_loss"] == pytest.approx(math.log(256), abs=0.1)  # the first step's loss: about ln(vocab)
+        assert 0 < row["loss"] < row["first_loss"]  # learning the one fixed batch
         assert row["decode_tokens"] == 8 and row["decode_tokens_per_s"] > 0 and row["decode_compile_s"] > 0
         assert row["decode_fresh_prompt"] is True and row["decode_prompt_tokens"] <= row["block_size"] - 8
         model_config = GPTConfig(**bench.MODELS["tiny"], sla=row["sla"], sla_skip=row["sla_skip"] or 9)
@@ -69,20 +79,22 @@ def test_two_shapes_plain_then_each_sla_skip(tmp_path, capsys):
     assert sla["ratio_step_time"] == pytest.approx(sla["ms_per_step"] / plain["ms_per_step"])
     assert plain["n_params"] == sla["n_params"]  # SLA adds no parameters
     printed = capsys.readouterr().out
-    assert "[6/6] tiny:16:1 SLA skip 1" in printed and "ratio_step_time" in printed.splitlines()[-7]
+    assert "[2/2] tiny:16:1" in printed and "tiny:16:1 sla skip 1: " in printed
+    assert "ratio_step_time" in printed.splitlines()[-7]
 
 
-def test_repeat_alternates_and_rows_are_appended(tmp_path):
+def test_rows_are_appended_one_model_at_a_time_too(tmp_path):
     out = tmp_path / "bench.jsonl"
     config = BenchConfig(
-        shapes=("tiny:16:1",), sla_skips=(1,), repeat=2, sdpa_backend="math", out=str(out),
+        shapes=("tiny:16:1",), sla_skips=(1,), sdpa_backend="math", round_robin=False, out=str(out),
         **{**FAST, "decode_tokens": 0},
     )  # fmt: skip
     bench.main(config)
     bench.main(config)
     rows = read_rows(out)
-    assert [(row["repeat"], row["sla"]) for row in rows] == [(0, False), (0, True), (1, False), (1, True)] * 2
-    assert all(row["sdpa_backend"] == "math" for row in rows)
+    assert [row["model"] for row in rows] == ["plain", "sla"] * 2
+    assert all(row["sdpa_backend"] == "math" and row["round_robin"] is False for row in rows)
+    assert all(row["timed_steps"] == 2 and row["ms_per_step"] > 0 for row in rows)
     assert all(row["decode_tokens_per_s"] is None and row["ratio_decode_tokens_per_s"] is None for row in rows)
 
 
@@ -131,7 +143,7 @@ def test_real_data_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "GPT", RecordingGPT)
     (row,) = bench.main(BenchConfig(shapes=("tiny:16:2",), sla_skips=(), data=str(data), **{**FAST, "vocab_size": 320}))
     assert row["data"] == str(data) and row["ms_per_step"] > 0 and math.isfinite(row["loss"])
-    assert len(batches) == FAST["warmup_steps"] + FAST["timed_steps"]
+    assert len(batches) == FAST["warmup_steps"] + FAST["rounds"] * FAST["block_steps"]
     for inputs, targets in batches:
         assert inputs.shape == targets.shape == (2, 16)
         assert torch.equal(inputs[:, 1:], (inputs[:, :-1] + 1) % 257)  # consecutive tokens of train.bin
@@ -140,20 +152,20 @@ def test_real_data_folder(tmp_path, monkeypatch):
 
 
 def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
-    measure = bench.measure
+    build_ours = bench.build_ours
 
-    def measure_sla_out_of_memory(config, shape, sla_skip, device, dtype):
+    def build_sla_out_of_memory(config, shape, sla_skip, device, autocast):
         if sla_skip == 9:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return measure(config, shape, sla_skip, device, dtype)
+        return build_ours(config, shape, sla_skip, device, autocast)
 
-    monkeypatch.setattr(bench, "measure", measure_sla_out_of_memory)
+    monkeypatch.setattr(bench, "build_ours", build_sla_out_of_memory)
     plain, oom, sla = bench.main(BenchConfig(shapes=("tiny:16:1",), **FAST))
     assert plain["error"] is None and sla["error"] is None and sla["ratio_step_time"] > 0
     assert oom["error"].startswith("out of memory: CUDA out of memory")
     assert oom["ms_per_step"] is None and oom["ratio_step_time"] is None and oom["sla_skip"] == 9
 
-    monkeypatch.setattr(bench, "measure", lambda *args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    monkeypatch.setattr(bench, "build_ours", lambda *args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # anything but running out of memory is not swallowed
         bench.main(BenchConfig(shapes=("tiny:16:1",), **FAST))
 
@@ -167,7 +179,14 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
         (["--sla_head_ratio=0.01"], "sla_head_ratio: 0.01 of small's 12 heads is 0 heads"),
         (["--sdpa_backend=fast"], "sdpa_backend must be auto or one of"),
         (["--data=/no/such/data"], "data: /no/such/data/train.bin not found"),
-        (["--timed_steps=0"], "timed_steps"),
+        (["--rounds=0"], "warmup_steps, rounds and block_steps must be >= 1"),
+        (["--block_steps=0"], "warmup_steps, rounds and block_steps must be >= 1"),
+        (["--peer=/no/such/nanogpt"], "peer: /no/such/nanogpt/model.py not found"),
+        (["--compile_mode=fastest", "--compile"], "compile_mode must be one of default, max-autotune-no-cudagraphs"),
+        (["--compile_mode=max-autotune"], "compile_mode: 'max-autotune' applies to compiled models: add --compile"),
+        (["--attention=flex"], "attention must be one of sdpa, fa4"),
+        (["--attention=fa4", "--device=cpu"], "attention: fa4 runs on CUDA GPUs (Hopper or Blackwell) only"),
+        (["--attention=fa4", "--device=cuda"], "attention: fa4 needs the flash-attn-4==4.0.0b36 package"),
         (["--device=cuda:x"], "device must be auto, cpu, cuda or cuda:N"),
     ],
 )
@@ -179,7 +198,14 @@ def test_bad_settings_are_config_errors(argv, message):
 
 def test_command_line(tmp_path):
     out = tmp_path / "bench.jsonl"
-    args = ["--shapes=tiny:16:1", "--sla_skips=1", "--warmup_steps=0", "--timed_steps=1", "--vocab_size=256"]
+    args = [
+        "--shapes=tiny:16:1",
+        "--sla_skips=1",
+        "--warmup_steps=1",
+        "--rounds=1",
+        "--block_steps=1",
+        "--vocab_size=256",
+    ]
     result = subprocess.run(
         [sys.executable, "bench.py", *args, "--decode_tokens=4", "--device=cpu", f"--out={out}"],
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -187,6 +213,17 @@ def test_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [row["sla"] for row in read_rows(out)] == [False, True]
     assert "ratio_step_time" in result.stdout
+
+    # a --peer folder without nanoGPT's model.py: one line that names it, exit status 2, no traceback
+    result = subprocess.run(
+        [sys.executable, "bench.py", *args, "--device=cpu", f"--peer={tmp_path / 'nanogpt'}"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: peer: {tmp_path / 'nanogpt' / 'model.py'} not found (give the folder of nanoGPT's model.py)"
+    )
 
 
 def test_full_logits_loss_trains_the_same_as_the_chunked_loss():
@@ -198,3 +235,191 @@ def test_full_logits_loss_trains_the_same_as_the_chunked_loss():
     for chunked, full in zip(rows["chunked"], rows["full"], strict=True):
         assert (chunked["loss_impl"], full["loss_impl"]) == ("chunked", "full")
         assert full["loss"] == pytest.approx(chunked["loss"], rel=1e-4)
+
+
+def byte_data(folder: Path) -> Path:
+    """A prepared data folder whose windows count up by one (mod 257): each batch shows where it was drawn."""
+    folder.mkdir()
+    (np.arange(5000) % 257).astype(np.uint16).tofile(folder / "train.bin")
+    (folder / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16"}))
+    return folder
+
+
+def test_nanogpt_peer_timed_round_robin_on_the_same_data(tmp_path, monkeypatch):
+    """--peer: nanoGPT's GPT of the same shape trains on the same batches as ours, its steps and ours interleaved in
+    blocks; ratio_vs_nanogpt is nanoGPT's ms over each row's."""
+    drawn = []  # (model number, first token of the batch) in the order the batches were drawn
+    sources = []
+    batch_source = bench.batch_source
+
+    def recording_batch_source(config, shape, device):
+        number, next_batch = len(sources), batch_source(config, shape, device)
+        sources.append(number)
+
+        def next_recorded_batch():
+            inputs, targets = next_batch()
+            drawn.append((number, inputs[0, 0].item()))
+            return inputs, targets
+
+        return next_recorded_batch
+
+    monkeypatch.setattr(bench, "batch_source", recording_batch_source)
+    config = BenchConfig(
+        shapes=("tiny:16:2",), sla_skips=(9,), peer=str(PEER), data=str(byte_data(tmp_path / "data")),
+        **{**FAST, "vocab_size": 320, "warmup_steps": 2, "rounds": 2, "block_steps": 3, "decode_tokens": 0},
+    )  # fmt: skip
+    plain, nanogpt, sla = bench.main(config)
+
+    assert [row["model"] for row in (plain, nanogpt, sla)] == ["plain", "nanogpt", "sla"]
+    assert (nanogpt["sla"], nanogpt["sla_skip"], nanogpt["loss_impl"], nanogpt["size"]) == (False, None, "full", "tiny")
+    assert nanogpt["n_params"] == plain["n_params"]  # the same network
+    for row in (plain, nanogpt, sla):
+        assert row["error"] is None and row["timed_steps"] == 2 * 3
+        assert row["ratio_vs_nanogpt"] == nanogpt["ms_per_step"] / row["ms_per_step"]
+        assert row["first_loss"] == pytest.approx(math.log(320), abs=0.1)  # untrained: about ln(vocab)
+        assert row["loss"] < row["first_loss"] - 0.02  # and 2 + 6 steps of AdamW later, lower: it trains
+    assert nanogpt["ratio_vs_nanogpt"] == 1.0 and nanogpt["decode_tokens_per_s"] is None
+    # same seed, same initialisation order, same first batch: nanoGPT's first loss is our plain model's
+    assert nanogpt["first_loss"] == pytest.approx(plain["first_loss"], rel=1e-5)
+
+    # each model draws the same batches (one ahead, as train.py), warm-up one model after another, then the rounds
+    per_model = [[token for number, token in drawn if number == model] for model in range(3)]
+    assert per_model[0] == per_model[1] == per_model[2] and len(per_model[0]) == 1 + 2 + 2 * 3
+    assert len(set(per_model[0])) > 1  # drawn anew each step
+    order = [number for number, _ in drawn]
+    warm_up = [0] * 3 + [1] * 3 + [2] * 3
+    assert order == warm_up + ([0] * 3 + [1] * 3 + [2] * 3) * 2
+
+
+def test_levers_reach_our_models_only(monkeypatch):
+    """--compile_mode, --compile_optimizer and --sdpa_backend change our models' steps; nanoGPT's stays as published."""
+    compiled = []  # (what, mode)
+
+    def recording_compile(target, mode=None, **kwargs):
+        compiled.append((type(target).__module__ if isinstance(target, torch.nn.Module) else target.__name__, mode))
+        return target  # run eagerly: this test checks where the levers go, test_compiled_levers that they compile
+
+    sdpa_calls = []  # (file the call came from, the SDPA backends enabled then)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        caller = Path(sys._getframe(1).f_code.co_filename).resolve()
+        sdpa_calls.append((caller, torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    config = BenchConfig(
+        shapes=("tiny:16:1",), sla_skips=(9,), peer=str(PEER), compile=True, compile_mode="max-autotune",
+        compile_optimizer=True, sdpa_backend="math", **{**FAST, "decode_tokens": 0},
+    )  # fmt: skip
+    plain, nanogpt, sla = bench.main(config)
+    assert compiled == [
+        ("model", "max-autotune"), ("clip_and_step", None), ("nanogpt_peer_model", None),
+        ("model", "max-autotune"), ("clip_and_step", None),
+    ]  # fmt: skip
+    for row in (plain, sla):
+        assert (row["compile_mode"], row["compile_optimizer"], row["sdpa_backend"]) == ("max-autotune", True, "math")
+    assert (nanogpt["compile_mode"], nanogpt["compile_optimizer"], nanogpt["sdpa_backend"]) == (
+        "default",
+        False,
+        "auto",
+    )
+    assert {(caller == REPO / "model.py", flash, math_) for caller, flash, math_ in sdpa_calls} == {
+        (True, False, True),  # ours: the math backend alone
+        (False, True, True),  # nanoGPT's: PyTorch's choice, as published
+    }
+    assert all(caller in (REPO / "model.py", PEER.resolve() / "model.py") for caller, _, _ in sdpa_calls)
+
+
+def test_compiled_levers():
+    """On the CPU too, a compiled model with max-autotune's mode and a compiled optimizer step trains and gets a row."""
+    (row,) = bench.main(
+        BenchConfig(
+            shapes=("tiny:16:1",),
+            sla_skips=(),
+            compile=True,
+            compile_mode="max-autotune-no-cudagraphs",
+            compile_optimizer=True,
+            **{**FAST, "warmup_steps": 2, "decode_tokens": 0},
+        )
+    )
+    assert row["error"] is None and row["compile"] is True and row["compile_optimizer"] is True
+    assert row["compile_mode"] == "max-autotune-no-cudagraphs" and row["timed_steps"] == 2
+    assert row["first_loss"] == pytest.approx(math.log(256), abs=0.1) and row["loss"] < row["first_loss"]
+
+
+def reference_attention(q, k, v):
+    """Causal attention of (B, T, H, D) inputs in float32: the output and each row's log-sum-exp (B, H, T)."""
+    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    lse = scores.logsumexp(-1)
+    return ((scores - lse.unsqueeze(-1)).exp() @ v).transpose(1, 2), lse, scores
+
+
+@pytest.fixture
+def flash_attn_stand_in(monkeypatch):
+    """flash_attn.cute's two functions that bench.py calls, as FA4 4.0.0b36 defines them, computed in plain torch
+    (FlashAttention's backward formulas); the calls are counted."""
+    calls = {"forward": 0, "backward": 0}
+
+    def flash_attn_func(q, k, v, causal=False, return_lse=False):
+        assert causal and return_lse and q.shape == k.shape == v.shape
+        calls["forward"] += 1
+        out, lse, _ = reference_attention(q, k, v)
+        return out.to(q.dtype), lse
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False):
+        assert causal
+        calls["backward"] += 1
+        _, _, scores = reference_attention(q, k, v)
+        p = (scores - lse.unsqueeze(-1)).exp()  # (B, H, T, T)
+        qt, kt, vt, ot, dot = (x.transpose(1, 2).float() for x in (q, k, v, out, dout))
+        dv = p.transpose(-1, -2) @ dot
+        dp = dot @ vt.transpose(-1, -2)
+        ds = p * (dp - (dot * ot).sum(-1, keepdim=True)) / math.sqrt(q.size(-1))
+        dq, dk = ds @ kt, ds.transpose(-1, -2) @ qt
+        return tuple(x.transpose(1, 2).to(q.dtype) for x in (dq, dk, dv))
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_bwd = _flash_attn_bwd
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func, cute.interface = flash_attn_func, interface
+    package = types.ModuleType("flash_attn")
+    package.cute = cute
+    for name, module in (("flash_attn", package), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_fa4_operators_train_as_sdpa(flash_attn_stand_in, backend):
+    """--attention=fa4's custom operators, around a reference stand-in for the kernel: an SLA model (skip 1) gets
+    SDPA's loss and gradients, eagerly and compiled (their shape-only implementations traced), and selective
+    checkpointing saves the attention: one kernel call per layer forward and one backward, none recomputed."""
+    torch.manual_seed(0)
+    idx = torch.randint(256, (2, 17))
+    results = []
+    for attention in (None, bench.fa4_causal_attention):
+        torch.manual_seed(0)
+        model = bench.GPT(GPTConfig(block_size=32, vocab_size=256, sla=True, sla_skip=1, **bench.MODELS["tiny"]))
+        for block in model.transformer.h:
+            block.attn.causal_attention = attention
+        forward = model if backend is None else torch.compile(model, backend=backend)
+        _, loss = forward(idx[:, :-1], idx[:, 1:], return_logits=False)
+        loss.backward()
+        results.append((loss.item(), [p.grad for p in model.parameters()]))
+    (sdpa_loss, sdpa_grads), (fa4_loss, fa4_grads) = results
+    assert fa4_loss == pytest.approx(sdpa_loss, rel=1e-5)
+    for sdpa_grad, fa4_grad in zip(sdpa_grads, fa4_grads, strict=True):
+        torch.testing.assert_close(fa4_grad, sdpa_grad, rtol=1e-4, atol=1e-6)
+    assert flash_attn_stand_in == {"forward": 12, "backward": 12}  # 11 SLA layers of 12: none run twice
+
+    # a prompt (no mask) goes through it too; decoding's masked steps stay with SDPA
+    model.eval()
+    calls = flash_attn_stand_in["forward"]
+    with torch.no_grad():
+        model.generate(idx[:, :5], 3)
+    assert flash_attn_stand_in["forward"] == calls + 12

@@ -1,5 +1,6 @@
 """GPU-only checks (skipped without CUDA): SLA through the flash kernel in bf16 agrees with the float32 math path,
-forward and backward; static-cache decoding agrees with recomputation, and its step compiles to one CUDA graph."""
+forward and backward; static-cache decoding agrees with recomputation, and its step compiles to one CUDA graph;
+bench.py's FA4 attention agrees with SDPA's flash kernel where flash-attn-4 is installed."""
 
 import pytest
 import torch
@@ -148,3 +149,30 @@ def test_decode_step_compiles_once_to_a_cuda_graph_and_matches_eager():
     assert counters["stats"]["unique_graphs"] == 1  # one graph for every prompt length
     assert counters["inductor"]["cudagraph_skips"] == 0  # it runs as a CUDA graph, cache writes included
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fa4_attention_matches_flash_sdpa_in_bf16(compiled):
+    """bench.py --attention=fa4 (FlashAttention-4's kernels as custom operators) against SDPA's flash kernel, SLA
+    skip 9, bf16, forward and backward, eager and compiled (skipped without the flash-attn-4 package)."""
+    pytest.importorskip("flash_attn.cute", reason="needs the flash-attn-4 package")
+    from bench import fa4_causal_attention
+
+    idx = torch.randint(0, 50257, (2, 2049), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    losses, grads = [], []
+    for attention in (None, fa4_causal_attention):
+        model = small_sla_model().train()
+        for block in model.transformer.h:
+            block.attn.causal_attention = attention
+        forward = torch.compile(model) if compiled else model
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = forward(idx[:, :-1], idx[:, 1:], return_logits=False)
+            loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    relative_error = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    print(
+        f"fa4 vs flash SDPA, bf16, compiled={compiled}: losses {losses}, gradients' relative error {relative_error:.2e}"
+    )
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+    assert relative_error < 5e-2
