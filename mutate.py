@@ -119,10 +119,7 @@ MUTATIONS = [
              "if logged_iter <= iter_num:", "if logged_iter < iter_num:",
              (f"{PT}::test_resume_drops_log_lines_after_the_checkpoint",)),
     Mutation("checkpoint_not_atomic", "checkpoint.py", "the checkpoint is written to ckpt.pt, no temp + rename",
-             '        with open(temp_path, "wb") as f:\n'
-             "            torch.save(checkpoint, f)\n"
-             "        os.replace(temp_path, path)\n",
-             '        with open(path, "wb") as f:\n            torch.save(checkpoint, f)\n',
+             'temp_path = f"{path}.{os.getpid()}.tmp"', "temp_path = path",
              (f"{PT}::test_checkpoint_write_is_atomic",)),
     Mutation("run_saves_in_place", "train.py", "the training loop writes ckpt.pt itself, in place",
              "save_checkpoint(training_state(run, progress, rng), run.ckpt_path)",
