@@ -582,7 +582,7 @@ def wrap_for_training(run: Run) -> torch.nn.Module:
         # group's worker threads too; one still freeing the tensors of our own collectives (loss, evaluation, RNG
         # gather) while Python shuts down aborts a finished run. So on gloo DDP gets a group of its own and the
         # default group is torn down in main(). On NCCL, destroy_process_group shuts the communicators down
-        # itself, so one group serves (untested here: we had no multi-GPU machine).
+        # itself, so one group serves (two-H100 runs, results/ddp/, all ended cleanly).
         on_gpu = run.device.startswith("cuda")
         ddp_group = None if on_gpu else dist.new_group(backend="gloo")
         device_ids = [torch.cuda.current_device()] if on_gpu else None
