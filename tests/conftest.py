@@ -61,3 +61,30 @@ def write_byte_data(out_dir: Path, documents: list[str]) -> Path:
 def byte_data(tmp_path_factory, owt_jsonl) -> Path:
     documents = [json.loads(line)["text"] for line in owt_jsonl.read_text().splitlines()]
     return write_byte_data(tmp_path_factory.mktemp("byte-owt"), documents)
+
+
+def tiny_settings(data_dir, out_dir, **overrides) -> dict:
+    """train.py settings of a tiny model that trains in seconds; a dict, for TrainConfig(**...) or the command line.
+    Use a fresh out_dir for every fresh run (train.py refuses to start one over an existing run)."""
+    settings = dict(
+        data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", dtype="float32",
+        n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, gradient_accumulation_steps=2,
+        max_iters=8, eval_interval=4, eval_iters=2, log_interval=1,
+        learning_rate=3e-3, warmup_iters=2, lr_decay_iters=100, min_lr=3e-4,
+    )  # fmt: skip
+    return {**settings, **overrides}
+
+
+def random_hf_gpt2(path: Path, **config):
+    """A random Hugging Face GPT2LMHeadModel (seed 0) saved to path, returned in eval mode. Biases and LayerNorm
+    gains are random too (HF starts them at 0 and 1), so that code which drops or decays them shows."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if param.dim() == 1:
+                param.normal_(mean=1.0 if ".ln_" in name or name.startswith("transformer.ln_f") else 0.0, std=0.1)
+    hf_model.save_pretrained(path)
+    return hf_model

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import random_hf_gpt2
 from torch.nn import functional as F
 
 from model import GPT, CausalSelfAttention, GPTConfig, KVCache
@@ -328,17 +329,8 @@ def test_no_graph_breaks():
 
 
 def test_from_pretrained_matches_huggingface(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    hf_config = transformers.GPT2Config(
-        n_layer=3, n_head=4, n_embd=32, n_positions=40, vocab_size=101, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
-    )
-    torch.manual_seed(0)
-    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
-    with torch.no_grad():  # HF initialises biases to zero; make them count
-        for name, param in hf_model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(std=0.1)
-    hf_model.save_pretrained(tmp_path)
+    pytest.importorskip("transformers")
+    hf_model = random_hf_gpt2(tmp_path, n_layer=3, n_head=4, n_embd=32, n_positions=40, vocab_size=101)
     idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = hf_model(idx).logits

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_hf_gpt2, tiny_settings
 from torch.nn import functional as F
 
 import model as model_module
@@ -51,13 +52,7 @@ BETA1, BETA2, ADAM_EPS = 0.9, 0.95, 1e-8  # TrainConfig's betas; torch's AdamW e
 
 def settings(data_dir, out_dir, **overrides) -> dict:
     """A tiny model that trains in a fraction of a second per step; a fresh out_dir for every fresh run."""
-    values = dict(
-        data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", dtype="float32",
-        n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, gradient_accumulation_steps=2,
-        max_iters=4, eval_interval=2, eval_iters=2, log_interval=1,
-        learning_rate=3e-3, warmup_iters=2, lr_decay_iters=100, min_lr=3e-4,
-    )  # fmt: skip
-    return {**values, **overrides}
+    return tiny_settings(data_dir, out_dir, **{"max_iters": 4, "eval_interval": 2, **overrides})
 
 
 def read_log(out_dir) -> list[dict]:
@@ -80,16 +75,9 @@ def windows(token_ids: np.ndarray, starts, length: int) -> torch.Tensor:
 def hf_gpt2(tmp_path_factory) -> Path:
     """A random 2-layer GPT-2 over the byte vocabulary, saved as a Hugging Face folder: a known starting model.
     Biases and LayerNorm gains are random too, so that weight decay on them would show."""
-    transformers = pytest.importorskip("transformers")
-    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=257)
-    torch.manual_seed(0)
-    hf_model = transformers.GPT2LMHeadModel(hf_config)
-    with torch.no_grad():
-        for name, param in hf_model.named_parameters():
-            if param.dim() == 1:
-                param.normal_(mean=1.0 if ".ln_" in name or name.startswith("transformer.ln_f") else 0.0, std=0.1)
+    pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("hf-gpt2")
-    hf_model.save_pretrained(path)
+    random_hf_gpt2(path, n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=257)
     return path
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_byte_data
+from conftest import random_hf_gpt2, write_byte_data
+from conftest import tiny_settings as tiny
 from torch.nn import functional as F
 
 from configurator import ConfigError, parse_config
@@ -39,17 +40,6 @@ from train import (
 REPO = Path(__file__).resolve().parent.parent
 # one thread per process: the DDP test runs two on a 2-core machine
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def tiny(data_dir, out_dir, **overrides) -> dict:
-    """Settings of a tiny model that trains in seconds; as a dict, for TrainConfig(**...) or the command line."""
-    settings = dict(
-        data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", dtype="float32",
-        n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, gradient_accumulation_steps=2,
-        max_iters=8, eval_interval=4, eval_iters=2, log_interval=1,
-        learning_rate=3e-3, warmup_iters=2, lr_decay_iters=100, min_lr=3e-4,
-    )  # fmt: skip
-    return {**settings, **overrides}
 
 
 def cli(settings: dict) -> list[str]:
@@ -315,15 +305,8 @@ def test_resume_with_other_architecture_is_an_error(byte_data, tmp_path):
 
 
 def test_init_from_a_hugging_face_gpt2_folder_with_sla(byte_data, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=128, vocab_size=257)
-    torch.manual_seed(0)
-    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
-    with torch.no_grad():  # HF initialises biases to zero; make them count
-        for name, param in hf_model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(std=0.1)
-    hf_model.save_pretrained(tmp_path / "hf")
+    pytest.importorskip("transformers")
+    hf_model = random_hf_gpt2(tmp_path / "hf", n_layer=2, n_head=4, n_embd=32, n_positions=128, vocab_size=257)
     # learning_rate 0: AdamW (weight decay included) leaves the weights as loaded, so the checkpoint holds them
     settings = tiny(
         byte_data, tmp_path / "out", init_from=str(tmp_path / "hf"), sla=True, sla_skip=1, max_iters=2,
