@@ -112,12 +112,14 @@ def lines(name):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else None
 def losses(log, key="train/loss"):
     return {line["iter"]: line[key] for line in log if key in line}
+def gaps(a, b, since=0):  # |a - b| at each iteration after `since` that both log
+    return [abs(a[it] - b[it]) for it in a if it in b and it > since]
 def max_gap(a, b, since=0):
-    common = [it for it in a if it in b and it > since]
-    return max(abs(a[it] - b[it]) for it in common) if common else None, len(common)
+    found = gaps(a, b, since)
+    return max(found) if found else None, len(found)
 def mean_gap(a, b, since=0):
-    common = [it for it in a if it in b and it > since]
-    return statistics.mean(abs(a[it] - b[it]) for it in common) if common else None
+    found = gaps(a, b, since)
+    return statistics.mean(found) if found else None
 
 summary = {}
 two, one_a = lines("parity-two"), lines("parity-one-a")

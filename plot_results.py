@@ -310,8 +310,9 @@ def main(argv=None):
         )
         summary = ablation_summary(arms, length)
         if args.best_sla_arm:
-            print(best_sla_arm(summary))
-            return best_sla_arm(summary)
+            best = best_sla_arm(summary)
+            print(best)
+            return best
         table = ablation_table(summary, length)
         print(table)
         if args.table:
