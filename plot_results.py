@@ -160,14 +160,16 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 def told_apart(differences: list[float]) -> str:
     """Is the mean paired difference told apart from seed noise? A two-sided paired t-test at 5%: the mean must
-    exceed t(0.975, n-1) standard errors of the differences between seeds."""
+    exceed t(0.975, n-1) standard errors of the differences between seeds. The verdict quotes t and that bound."""
     if len(differences) < 2:
         return "needs 2 seeds"
     mean, sd = mean_sd(differences)
     critical = T_CRITICAL_95.get(len(differences) - 1, 1.96)
-    if sd == 0 or abs(mean) > critical * sd / math.sqrt(len(differences)):
-        return "yes, SLA lower" if mean < 0 else "yes, SLA higher"
-    return "no"
+    if sd == 0:
+        return "yes, SLA lower (no spread)" if mean < 0 else "yes, SLA higher (no spread)"
+    t = mean / (sd / math.sqrt(len(differences)))
+    verdict = "no" if abs(t) <= critical else "yes, SLA lower" if mean < 0 else "yes, SLA higher"
+    return f"{verdict} (t = {t:+.2f}, bound ±{critical:.2f})"
 
 
 def ablation_summary(arms: dict, length: int) -> dict:

@@ -99,8 +99,9 @@ def test_ablation_table_recomputed_from_the_logs(ablation_dir, tmp_path):
         sd = abs(differences[0] - differences[1]) / 2**0.5  # the sample standard deviation of two values
         assert rows[arm][3] == f"{mean:+.4f} ± {sd:.4f}"
         assert rows[arm][4] == ", ".join(f"{d:+.4f}" for d in differences)
-        t = abs(mean) / (sd / 2**0.5)  # paired t statistic, 1 degree of freedom: told apart beyond 12.706
-        assert rows[arm][5] == ("no" if t <= 12.706 else "yes, SLA lower" if mean < 0 else "yes, SLA higher")
+        t = mean / (sd / 2**0.5)  # paired t statistic, 1 degree of freedom: told apart beyond 12.706
+        verdict = "no" if abs(t) <= 12.706 else "yes, SLA lower" if mean < 0 else "yes, SLA higher"
+        assert rows[arm][5] == f"{verdict} (t = {t:+.2f}, bound ±12.71)"
         # by position: the late bucket's paired difference
         late = [final[arm, s]["val/loss@64/pos16-64"] - final["plain", s]["val/loss@64/pos16-64"] for s in (1, 2)]
         position_row = next(line for line in table.splitlines() if line.startswith(f"| {arm} − plain"))
