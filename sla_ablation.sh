@@ -11,7 +11,9 @@
 # with the lowest mean final val/loss@16384 over its seeds. As many runs start at once as there are GPUs
 # (MAX_RUNS to change). Corpus: the Python sources of this Python's site-packages, gpt2 tokens, files in sorted
 # path order (a package's files next to each other), 2.5% of the files held out; the first session records its
-# token counts, and a later session whose corpus differs stops. New logs go to $LOG_DEST. Needs datasets
+# token counts, and a later session whose corpus differs stops. New logs go to $LOG_DEST. On a device whose output
+# folder starts empty at each call, keep LOG_DEST (and WORK, the prepared corpus) on the machine's own disk and copy
+# the logs out after each call: the next call on the same machine then starts the runs after them. Needs datasets
 # (prepare) and tiktoken's BPE files (TIKTOKEN_CACHE_DIR offline).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -59,8 +61,8 @@ pending() {
     local all_seed2_done=1
     for arm in $ARMS; do [ -f "$RESULTS/$arm-seed2.jsonl" ] || all_seed2_done=0; done
     [ $all_seed2_done = 1 ] && order="$order $(best_sla_arm)-seed3"
-    for run in $order; do
-        [ -f "$RESULTS/$run.jsonl" ] || echo "$run"
+    for run in $order; do  # done: logged in the campaign's folder, or by an earlier call into the same LOG_DEST
+        [ -f "$RESULTS/$run.jsonl" ] || [ -f "$LOG_DEST/$run.jsonl" ] || echo "$run"
     done
 }
 
