@@ -24,7 +24,10 @@ runs as published (compiled with torch.compile's defaults under --compile).
 Decode speed (our models) is model.generate with the static KV cache (its decode step compiled with --compile),
 batch 1: --decode_tokens new tokens after a prompt of a length this process has not prefilled before
 (--decode_prompt_tokens, or the next unused length), prefill included, timed after a warm-up generation whose time is
-reported apart (compile_s). The rows of a shape are printed and appended to --out as JSON lines once it is measured,
+reported apart (compile_s). --decode_repeats generations, each after a prompt of a new length, give the median
+tokens/s and each one's. --decode_profile profiles one more such generation (torch.profiler, CPU and CUDA activity)
+and prints where its time goes: prefill, the decode steps, the work between them, the busiest kernels and operators.
+The rows of a shape are printed and appended to --out as JSON lines once it is measured,
 so several runs can fill one file; --decode_out gets the decode rows alone (DECODE_ROW_FIELDS). A table ends the run.
 A model that runs out of memory gets a row with "error" and the run goes on without it.
 """
@@ -37,7 +40,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -47,6 +50,7 @@ import numpy as np
 import torch
 import torch._dynamo
 from torch import Tensor, nn
+from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import autocast_context, check_device, check_dtype, parse_cli, resolve_device, resolve_dtype
@@ -84,7 +88,8 @@ ROW_FIELDS = (
     "tokens_per_s", "mfu", "peak_mem_gib", "step_mem_gib", "first_loss", "loss",
     # KV-cache decoding (our models)
     "decode_prompt_tokens", "decode_fresh_prompt", "decode_tokens", "decode_tokens_per_s", "decode_compile_s",
-    "kv_cache_bytes_per_token",
+    "kv_cache_bytes_per_token", "decode_repeats", "decode_prompt_tokens_each", "decode_tokens_per_s_each",
+    "decode_profile",
     # against nanoGPT (--peer) of the same shape: its ms/step over this row's
     "ratio_vs_nanogpt",
     # SLA rows: SLA / plain of the same shape
@@ -99,7 +104,9 @@ DECODE_ROW_FIELDS = {
     "prompt_tokens": "decode_prompt_tokens", "fresh_prompt": "decode_fresh_prompt", "new_tokens": "decode_tokens",
     "tokens_per_s": "decode_tokens_per_s", "compile_s": "decode_compile_s",
     "kv_cache_bytes_per_token": "kv_cache_bytes_per_token", "ratio_tokens_per_s": "ratio_decode_tokens_per_s",
-    "ratio_kv_cache_bytes": "ratio_kv_cache_bytes", "error": "error",
+    "ratio_kv_cache_bytes": "ratio_kv_cache_bytes", "repeats": "decode_repeats",
+    "prompt_tokens_each": "decode_prompt_tokens_each", "tokens_per_s_each": "decode_tokens_per_s_each",
+    "profile": "decode_profile", "error": "error",
 }  # fmt: skip
 
 
@@ -146,6 +153,8 @@ class BenchConfig:
     vocab_size: int = 50304
     decode_tokens: int = 256  # new tokens of the decode measurement (fewer if block_size is short); 0 skips it
     decode_prompt_tokens: int = 128  # or the next length this process has not prefilled yet
+    decode_repeats: int = 3  # timed generations, each after a prompt of a new length; the row gives their median
+    decode_profile: bool = False  # profile one more generation and print where its time goes
     seed: int = 0
     profile_steps: int = 0  # > 0: after timing, profile this many more steps per model and print the busiest kernels
     out: str = ""  # JSON-lines file the rows are appended to; '' prints only
@@ -164,6 +173,10 @@ class BenchConfig:
                 raise ValueError(f"sla_head_ratio: {self.sla_head_ratio} of {shape.size}'s {n_head} heads is 0 heads")
         if min(self.decode_tokens, self.profile_steps) < 0:
             raise ValueError("decode_tokens and profile_steps must be >= 0")
+        if self.decode_repeats < 1:
+            raise ValueError(f"decode_repeats must be >= 1, got {self.decode_repeats}")
+        if self.decode_profile and self.decode_tokens == 0:
+            raise ValueError("decode_profile: profiles decoding, which decode_tokens=0 skips; give decode_tokens > 0")
         if min(self.warmup_steps, self.rounds, self.block_steps) < 1:
             raise ValueError("warmup_steps, rounds and block_steps must be >= 1 (the first warm-up step compiles)")
         check_dtype(self.dtype)
@@ -292,14 +305,17 @@ def fresh_prompt_length(wanted: int, longest: int) -> int | None:
     return None
 
 
-def measure_decode(model: GPT, config: BenchConfig, device: str, autocast) -> dict:
+def measure_decode(model: GPT, config: BenchConfig, device: str, autocast, label: str = "") -> dict:
     """
     Tokens per second of generation, batch 1, after a prompt of a length not prefilled before; the prompt and the
-    new tokens fit in block_size. A warm-up generation on a 1-token prompt comes first (its time: decode_compile_s).
+    new tokens fit in block_size. A warm-up generation on a 1-token prompt comes first (its time: decode_compile_s);
+    then config.decode_repeats timed generations, each after a prompt of a new length (decode_tokens_per_s: their
+    median), and with config.decode_profile one more, profiled.
     """
     block_size = model.config.block_size
     new_tokens = min(config.decode_tokens, block_size - 1)
     longest_prompt = block_size - new_tokens
+    wanted_prompt = min(config.decode_prompt_tokens, longest_prompt)
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     prompts = torch.Generator().manual_seed(config.seed)
     generator = torch.Generator(device).manual_seed(config.seed)
@@ -313,23 +329,181 @@ def measure_decode(model: GPT, config: BenchConfig, device: str, autocast) -> di
             model.generate(prompt, max_new_tokens, generator=generator)[0, -1].item()  # .item() waits for the device
         return time.perf_counter() - started
 
+    def next_prompt_length() -> tuple[int, bool]:
+        length = fresh_prompt_length(wanted_prompt, longest_prompt)
+        return (wanted_prompt, False) if length is None else (length, True)  # None: tiny block sizes
+
     model.eval()
     if config.compile:
         model.compile_decode_step()
     compile_seconds = generate_seconds(1, DECODE_WARMUP_TOKENS)
-    prompt_tokens = fresh_prompt_length(min(config.decode_prompt_tokens, longest_prompt), longest_prompt)
-    fresh = prompt_tokens is not None
-    if not fresh:  # every length that fits was prefilled before (tiny block sizes)
-        prompt_tokens = min(config.decode_prompt_tokens, longest_prompt)
-    seconds = generate_seconds(prompt_tokens, new_tokens)
+    prompt_lengths, tokens_per_s, fresh = [], [], True
+    for _ in range(config.decode_repeats):
+        prompt_length, fresh_length = next_prompt_length()
+        prompt_lengths.append(prompt_length)
+        tokens_per_s.append(new_tokens / generate_seconds(prompt_length, new_tokens))
+        fresh = fresh and fresh_length
+    profile = None
+    if config.decode_profile:
+        prompt_length, _ = next_prompt_length()
+        with labelled_decode_phases(model), torch.profiler.profile(activities=profiler_activities(device)) as profiler:
+            seconds = generate_seconds(prompt_length, new_tokens)
+        print(f"  {label} decode profile:", flush=True)
+        profile = print_decode_profile(profiler, seconds, new_tokens, prompt_length, statistics.median(tokens_per_s))
     return {
-        "decode_prompt_tokens": prompt_tokens,
+        "decode_prompt_tokens": prompt_lengths[0],
         "decode_fresh_prompt": fresh,
         "decode_tokens": new_tokens,
-        "decode_tokens_per_s": new_tokens / seconds,
+        "decode_tokens_per_s": statistics.median(tokens_per_s),
         "decode_compile_s": compile_seconds,
         "kv_cache_bytes_per_token": model.kv_cache.bytes_per_token(),
+        "decode_repeats": config.decode_repeats,
+        "decode_prompt_tokens_each": prompt_lengths,
+        "decode_tokens_per_s_each": tokens_per_s,
+        "decode_profile": profile,
     }
+
+
+# --decode_profile: generate and its phases, each call labelled for the profiler. decode_token is the model's step and
+# the sampling (one CUDA graph when compiled); what runs between the calls (the sampling noise drawn from the caller's
+# generator, the new token's copies, the next position) is generate's own work; after generate returns, the host
+# waits for the device to finish what it queued.
+DECODE_PHASES = ("prefill", "decode_token")
+DECODE_LABELS = ("generate", *DECODE_PHASES)
+
+
+@contextmanager
+def labelled_decode_phases(model: GPT):
+    """Within it, every call of model.generate, .prefill and .decode_token is a torch.profiler range of that name."""
+    replaced = {name: model.__dict__.get(name) for name in DECODE_LABELS}  # None: the class's method
+
+    def labelled(name, function):
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(name):
+                return function(*args, **kwargs)
+
+        return run
+
+    for name in DECODE_LABELS:
+        setattr(model, name, labelled(name, getattr(model, name)))
+    try:
+        yield
+    finally:
+        for name, function in replaced.items():
+            if function is None:
+                delattr(model, name)
+            else:
+                setattr(model, name, function)
+
+
+def profiler_activities(device: str) -> list:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals: the time the device ran anything."""
+    total, covered_until = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > covered_until:
+            total += end - max(start, covered_until)
+            covered_until = end
+    return total
+
+
+def decode_profile_summary(events, averages, seconds: float, new_tokens: int) -> dict:
+    """
+    Where a profiled generation's time went, from torch.profiler's events and key_averages(): wall and device-busy
+    ms per token; per phase the host's ms and the device's (the kernels it launched): prefill, decode_token,
+    "between" (the rest of generate) and "wait" (after generate, until the device is done); the busiest kernels (self
+    device time) and operators (self host time). Device figures are None without device activity (CPU).
+    """
+    kernels = [
+        event
+        for event in events
+        if event.device_type != DeviceType.CPU
+        and event.name not in DECODE_LABELS
+        and not getattr(event, "is_user_annotation", False)  # the device-side copy of a record_function range
+    ]
+    gpu = bool(kernels)
+
+    def labelled(name):
+        ranges = [event for event in events if event.device_type == DeviceType.CPU and event.name == name]
+        host_ms = sum(event.cpu_time_total for event in ranges) / 1000
+        gpu_ms = sum(event.device_time_total for event in ranges) / 1000 if gpu else None
+        return {"calls": len(ranges), "host_ms": host_ms, "gpu_ms": gpu_ms}
+
+    generate = labelled("generate")
+    phases = {name: labelled(name) for name in DECODE_PHASES}
+    phases["between"] = {
+        "calls": None,
+        "host_ms": generate["host_ms"] - sum(phase["host_ms"] for phase in phases.values()),
+        "gpu_ms": generate["gpu_ms"] - sum(phase["gpu_ms"] for phase in phases.values()) if gpu else None,
+    }
+    phases["wait"] = {"calls": None, "host_ms": seconds * 1000 - generate["host_ms"], "gpu_ms": None}
+    device_rows = [row for row in averages if row.device_type != DeviceType.CPU and row.key not in DECODE_LABELS]
+    host_rows = [row for row in averages if row.device_type == DeviceType.CPU]
+    top = DECODE_PROFILE_TOP
+    return {
+        "wall_ms_per_token": seconds * 1000 / new_tokens,
+        "gpu_busy_ms_per_token": busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1000 / new_tokens
+        if gpu
+        else None,
+        "phases": phases,
+        "top_kernels": [
+            {"name": row.key, "calls": row.count, "ms": row.self_device_time_total / 1000}
+            for row in sorted(device_rows, key=lambda row: row.self_device_time_total, reverse=True)[:top]
+        ],
+        "top_host_ops": [
+            {"name": row.key, "calls": row.count, "ms": row.self_cpu_time_total / 1000}
+            for row in sorted(host_rows, key=lambda row: row.self_cpu_time_total, reverse=True)[:top]
+        ],
+    }
+
+
+DECODE_PROFILE_TOP = 12  # kernels and operators listed
+
+
+def print_decode_profile(profiler, seconds: float, new_tokens: int, prompt_length: int, median_tokens_per_s) -> dict:
+    """Print decode_profile_summary of the profiled generation; return it. If the summary fails (a profiler whose
+    events it misreads), say so, print the profiler's own table and return None: the measured rows still count."""
+    try:
+        summary = decode_profile_summary(profiler.events(), profiler.key_averages(), seconds, new_tokens)
+    except Exception as err:  # reported, with the profiler's table in its place
+        print(f"    decode profile: summary failed ({err!r}); the profiler's own table:", flush=True)
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
+        return None
+
+    def per_token(ms):
+        return "-" if ms is None else f"{ms / new_tokens:.3f}"
+
+    gpu_busy = summary["gpu_busy_ms_per_token"]
+    print(
+        f"    {new_tokens} tokens after a fresh {prompt_length}-token prompt, profiler on: "
+        f"wall {summary['wall_ms_per_token']:.3f} ms/token (unprofiled median {1000 / median_tokens_per_s:.3f}), "
+        f"device busy {'-' if gpu_busy is None else f'{gpu_busy:.3f}'} ms/token",
+        flush=True,
+    )
+    print(f"      {'phase':<14}{'calls':>7}{'host ms':>10}{'host ms/token':>15}{'gpu ms':>10}{'gpu ms/token':>14}")
+    for name, phase in summary["phases"].items():
+        gpu_ms = "-" if phase["gpu_ms"] is None else f"{phase['gpu_ms']:.2f}"
+        print(
+            f"      {name:<14}{phase['calls'] if phase['calls'] is not None else '-':>7}{phase['host_ms']:>10.2f}"
+            f"{per_token(phase['host_ms']):>15}{gpu_ms:>10}{per_token(phase['gpu_ms']):>14}"
+        )
+    for title, rows in (
+        ("kernels by device time", summary["top_kernels"]),
+        ("operators by host time", summary["top_host_ops"]),
+    ):
+        if rows:
+            print(f"      busiest {title} (self time: calls, ms, ms/token):")
+            for row in rows:
+                print(
+                    f"        {row['calls']:>6} {row['ms']:>9.2f} {row['ms'] / new_tokens:>8.4f}  {row['name'][:110]}"
+                )
+    return summary
 
 
 def load_peer(folder: str) -> ModuleType:
@@ -544,7 +718,8 @@ def measure_group(group: list[Contender], config: BenchConfig, shape: Shape, dev
                 print_profile(contender.train_step, config.profile_steps, device.split(":")[0])
         if row["model"] != "nanogpt" and config.decode_tokens > 0:
             with contender.context():
-                row.update(measure_decode(contender.model, config, device, autocast))
+                label = f"{row['shape']} {row['model']}" + (f" skip {row['sla_skip']}" if row["sla"] else "")
+                row.update(measure_decode(contender.model, config, device, autocast, label))
         contender.drop(device)
 
 
@@ -611,10 +786,12 @@ def print_row(row: dict):
     )
     if row["decode_tokens_per_s"] is not None:
         fresh = "fresh" if row["decode_fresh_prompt"] else "seen"
+        each = ", ".join(f"{value:.1f}" for value in row["decode_tokens_per_s_each"])
+        lengths = "/".join(str(length) for length in row["decode_prompt_tokens_each"])
         print(
-            f"    decode {row['decode_tokens_per_s']:.1f} tokens/s ({row['decode_tokens']} tokens after a {fresh} "
-            f"{row['decode_prompt_tokens']}-token prompt), warm-up {row['decode_compile_s']:.2f} s, "
-            f"KV cache {row['kv_cache_bytes_per_token']:,} bytes/token",
+            f"    decode {row['decode_tokens_per_s']:.1f} tokens/s (median of {row['decode_repeats']}: {each}; "
+            f"{row['decode_tokens']} tokens after {fresh} prompts of {lengths} tokens), warm-up "
+            f"{row['decode_compile_s']:.2f} s, KV cache {row['kv_cache_bytes_per_token']:,} bytes/token",
             flush=True,
         )
 

@@ -415,46 +415,67 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, kv_cache, input_pos)
         return self.lm_head(x[:, -1, :]).float()
 
+    @torch.no_grad()
+    def decode_token(self, idx, input_pos, kv_cache: KVCache, temperature: float, top_k: int | None = None, noise=None):
+        """
+        What generate does per new token once the prompt is in the cache: decode_step, then sample_next_token with
+        noise (multinomial_noise, drawn beforehand). The next token (B, 1) and the logits (B, V) it was drawn from.
+        """
+        logits = self.decode_step(idx, input_pos, kv_cache)
+        return sample_next_token(logits, temperature, top_k, noise), logits
+
     def compile_decode_step(self, backend="inductor"):
         """
-        Compile decode_step, the function generate runs once per new token, as a whole graph (an error if it
-        breaks). Its shapes never change, so it compiles once, whatever the prompt. With inductor on CUDA it runs
+        Compile decode_token, the function generate runs once per new token (the model's step and the sampling), as
+        a whole graph (an error if it breaks). Its shapes never change, so it compiles once per temperature and
+        top_k (dynamic=False: they are constants of the graph), whatever the prompt. With inductor on CUDA it runs
         as a CUDA graph (mode="reduce-overhead"): one launch for the step's few hundred small kernels. Call it once
         the model is on its device; backend is torch.compile's.
         """
         cuda_graphs = backend == "inductor" and self.lm_head.weight.is_cuda
-        eager_step = GPT.decode_step.__get__(self)  # the method, even where an earlier call replaced it
+        eager_step = GPT.decode_token.__get__(self)  # the method, even where an earlier call replaced it
         compiled = torch.compile(
-            eager_step, backend=backend, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None
+            eager_step,
+            backend=backend,
+            fullgraph=True,
+            dynamic=False,
+            mode="reduce-overhead" if cuda_graphs else None,
         )
 
-        def decode_step(idx, input_pos, kv_cache):
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up: their memory is free
-            return compiled(idx, input_pos, kv_cache)
+        def decode_token(idx, input_pos, kv_cache, temperature, top_k=None, noise=None):
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up: their memory is free
+            return compiled(idx, input_pos, kv_cache, temperature, top_k, noise)
 
-        self.decode_step = decode_step
+        self.decode_token = decode_token
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, generator=None):
         """
         Extend idx (B, T) by max_new_tokens tokens; temperature 0 is greedy. Once the sequence outgrows block_size,
-        each step prefills the last block_size tokens anew: positions shift, so no cache holds.
+        each step prefills the last block_size tokens anew: positions shift, so no cache holds. Nothing in the loop
+        waits for the device: the host queues the steps and reads no token.
         """
-        block_size = self.config.block_size
+        batch_size, prompt_length = idx.size()
+        block_size, vocab_size = self.config.block_size, self.lm_head.weight.size(0)
         kv_cache = self.kv_cache_for(idx)
-        next_token = None
-        input_pos = None  # next_token's position, on the device: no host-device synchronisation per token
-        for _ in range(max_new_tokens):
-            if input_pos is None or idx.size(1) > block_size:
-                logits = self.prefill(idx[:, -block_size:], kv_cache)
-                input_pos = torch.full((1,), min(idx.size(1), block_size), dtype=torch.long, device=idx.device)
+        tokens = torch.empty((batch_size, prompt_length + max_new_tokens), dtype=idx.dtype, device=idx.device)
+        tokens[:, :prompt_length] = idx
+        next_token = input_pos = None  # input_pos: next_token's position, on the device
+        for length in range(prompt_length, prompt_length + max_new_tokens):
+            # The step's random numbers, from the caller's generator, which a compiled step cannot draw from
+            noise = None if temperature == 0 else multinomial_noise(batch_size, vocab_size, idx.device, generator)
+            if input_pos is None or length > block_size:
+                logits = self.prefill(tokens[:, max(0, length - block_size) : length], kv_cache)
+                next_token = sample_next_token(logits, temperature, top_k, noise)
+                input_pos = torch.full((1,), min(length, block_size), dtype=torch.long, device=idx.device)
             else:
-                # next_token, not idx[:, -1:]: a view of idx has new strides each step, which would recompile the step
-                logits = self.decode_step(next_token, input_pos, kv_cache)
+                next_token, _ = self.decode_token(next_token, input_pos, kv_cache, temperature, top_k, noise)
                 input_pos = input_pos + 1
-            next_token = sample_next_token(logits, temperature, top_k, generator)
-            idx = torch.cat((idx, next_token), dim=1)
-        return idx
+            # a copy: a CUDA graph's output is overwritten by its next replay; a view of tokens would have strides that
+            # depend on the sequence's length, and would compile the step anew for every length
+            next_token = next_token.clone()
+            tokens[:, length : length + 1] = next_token
+        return tokens
 
 
 def _sdpa_without_cudnn():
@@ -474,15 +495,27 @@ def _sdpa_without_cudnn():
     return sdpa_kernel(enabled) if enabled else nullcontext()
 
 
-def sample_next_token(logits, temperature: float, top_k: int | None = None, generator=None):
-    """The next token (B, 1) for logits (B, V): the argmax at temperature 0, else drawn from the top_k."""
+def sample_next_token(logits, temperature: float, top_k: int | None = None, noise=None):
+    """
+    The next token (B, 1) for float32 logits (B, V): the argmax at temperature 0, else drawn from the top_k with noise
+    (B, V) from multinomial_noise. argmax(probs / noise) is how torch.multinomial(probs, 1) draws (an exponential race),
+    from the same random numbers, so the same generator gives the same tokens, but without multinomial's checks of
+    probs (inf, nan, < 0, zero sum), which wait for the device or add kernels per token; softmax of finite logits
+    passes them.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    return (F.softmax(logits, dim=-1) / noise).argmax(dim=-1, keepdim=True)
+
+
+def multinomial_noise(batch_size: int, vocab_size: int, device, generator=None):
+    """The random numbers torch.multinomial(probs, 1, generator=generator) draws for float32 probs (batch_size,
+    vocab_size): one exponential(1) draw per entry, in the same order from the same generator."""
+    return torch.empty((batch_size, vocab_size), dtype=torch.float32, device=device).exponential_(generator=generator)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

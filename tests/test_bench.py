@@ -5,6 +5,7 @@ settings."""
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import types
@@ -22,8 +23,9 @@ from model import GPTConfig
 REPO = Path(__file__).resolve().parent.parent
 PEER = REPO.parent / "shared" / "peers" / "nanogpt"  # nanoGPT's model.py, read in place
 FAST = dict(
-    device="cpu", warmup_steps=1, rounds=2, block_steps=1, vocab_size=256, decode_tokens=8, decode_prompt_tokens=8
-)
+    device="cpu", warmup_steps=1, rounds=2, block_steps=1, vocab_size=256, decode_tokens=8, decode_prompt_tokens=8,
+    decode_repeats=1,
+)  # fmt: skip
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -62,6 +64,8 @@ def test_two_shapes_plain_then_each_sla_skip(tmp_path, capsys):
         assert 0 < row["loss"] < row["first_loss"]  # learning the one fixed batch
         assert row["decode_tokens"] == 8 and row["decode_tokens_per_s"] > 0 and row["decode_compile_s"] > 0
         assert row["decode_fresh_prompt"] is True and row["decode_prompt_tokens"] <= row["block_size"] - 8
+        assert row["decode_repeats"] == 1 and row["decode_prompt_tokens_each"] == [row["decode_prompt_tokens"]]
+        assert row["decode_tokens_per_s_each"] == [row["decode_tokens_per_s"]] and row["decode_profile"] is None
         model_config = GPTConfig(**bench.MODELS["tiny"], sla=row["sla"], sla_skip=row["sla_skip"] or 9)
         assert row["kv_cache_bytes_per_token"] == model_config.kv_cache_bytes_per_token(torch.float32)
         assert row["n_skip_heads"] == (3 if row["sla"] else 0)  # round(0.75 * 4 heads)
@@ -126,6 +130,101 @@ def test_decode_rows(tmp_path):
     assert [(row["prompt_tokens"], row["fresh_prompt"]) for row in read_rows(decode_out)[3:]] == [(2, True), (2, False)]
 
 
+def test_decode_repeats_and_profile(tmp_path, capsys):
+    """Each timed generation after a prompt of a new length, the median of their speeds, then one more generation
+    profiled (CPU activity only here) and summarised by phase."""
+    decode_out = tmp_path / "decode.jsonl"
+    config = BenchConfig(
+        shapes=("tiny:64:1",), sla_skips=(9,), decode_out=str(decode_out),
+        **{**FAST, "decode_tokens": 16, "decode_prompt_tokens": 20, "decode_repeats": 3, "decode_profile": True},
+    )  # fmt: skip
+    rows = bench.main(config)
+    decode_rows = read_rows(decode_out)
+    assert [row["prompt_tokens_each"] for row in decode_rows] == [[20, 21, 22], [24, 25, 26]]  # 23, 27: profiled
+    assert bench.PREFILLED_LENGTHS >= {1, *range(20, 28)}
+    printed = capsys.readouterr().out
+    for row, decode_row in zip(rows, decode_rows, strict=True):
+        assert (
+            decode_row["repeats"] == 3
+            and decode_row["fresh_prompt"] is True
+            and decode_row["prompt_tokens"] == 20 + 4 * (row["sla"])
+        )
+        assert decode_row["tokens_per_s"] == statistics.median(decode_row["tokens_per_s_each"])
+        assert all(value > 0 for value in decode_row["tokens_per_s_each"])
+        profile = decode_row["profile"]
+        phases = profile["phases"]
+        assert phases["prefill"]["calls"] == 1 and phases["decode_token"]["calls"] == 15  # the first token: prefill's
+        assert all(phase["host_ms"] >= 0 and phase["gpu_ms"] is None for phase in phases.values())
+        assert phases["decode_token"]["host_ms"] > phases["prefill"]["host_ms"] > 0
+        total_ms = sum(phase["host_ms"] for phase in phases.values())
+        assert total_ms == pytest.approx(profile["wall_ms_per_token"] * 16)  # the phases add up to the wall time
+        assert profile["gpu_busy_ms_per_token"] is None and profile["top_kernels"] == []
+        host_ops = [op["name"] for op in profile["top_host_ops"]]
+        assert "aten::mm" in host_ops and len(host_ops) == bench.DECODE_PROFILE_TOP
+        label = "tiny:64:1 " + ("sla skip 9" if row["sla"] else "plain")
+        assert f"  {label} decode profile:\n    16 tokens after a fresh {23 + 4 * row['sla']}-token prompt" in printed
+    assert "decode_token       15" in printed and "busiest operators by host time" in printed
+    assert "median of 3: " in printed
+
+
+def test_busy_time_is_the_union_of_intervals():
+    assert bench.busy_us([]) == 0
+    assert bench.busy_us([(0, 10), (20, 25)]) == 15  # apart
+    assert bench.busy_us([(20, 25), (0, 10), (5, 12), (6, 7)]) == 17  # overlapping, nested, unsorted
+    assert bench.busy_us([(0, 10), (10, 20)]) == 20  # touching
+
+
+def test_decode_profile_summary_with_device_events():
+    """The CUDA side of the summary, from events shaped as torch.profiler's: kernels (device events) count towards
+    device busy time and the top kernels, the device-side copies of the labelled ranges do not."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, device_type=DeviceType.CPU, device_ms=0.0, **extra):
+        time_range = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        cpu_us = end - start if device_type == DeviceType.CPU else 0
+        return SimpleNamespace(
+            name=name, device_type=device_type, time_range=time_range, cpu_time_total=cpu_us,
+            device_time_total=device_ms * 1000, **extra,
+        )  # fmt: skip
+
+    cuda = DeviceType.CUDA
+    events = [
+        event("generate", 0, 1000, device_ms=0.7),
+        event("prefill", 0, 200, device_ms=0.1),
+        event("decode_token", 300, 400, device_ms=0.25),
+        event("decode_token", 500, 600, device_ms=0.25),
+        event("decode_token", 100, 900, cuda, is_user_annotation=True),  # a range's device-side copy
+        event("gemm", 150, 250, cuda),
+        event("gemm", 400, 500, cuda),
+        event("softmax", 450, 550, cuda),
+        event("exponential", 700, 800, cuda),
+    ]
+
+    def average(key, device_type, count, device_us, cpu_us):
+        return SimpleNamespace(
+            key=key, device_type=device_type, count=count, self_device_time_total=device_us, self_cpu_time_total=cpu_us
+        )
+
+    averages = [
+        average("gemm", cuda, 2, 200, 0),
+        average("softmax", cuda, 1, 100, 0),
+        average("decode_token", cuda, 2, 800, 0),
+        average("aten::mm", DeviceType.CPU, 9, 0, 90),
+    ]  # fmt: skip
+    summary = bench.decode_profile_summary(events, averages, seconds=0.0012, new_tokens=4)
+    assert summary["wall_ms_per_token"] == pytest.approx(0.3)
+    assert summary["gpu_busy_ms_per_token"] == pytest.approx(0.35 / 4)  # 150-250, 400-550, 700-800
+    phases = summary["phases"]
+    assert phases["prefill"] == {"calls": 1, "host_ms": 0.2, "gpu_ms": 0.1}
+    assert phases["decode_token"] == {"calls": 2, "host_ms": 0.2, "gpu_ms": 0.5}
+    assert phases["between"]["host_ms"] == pytest.approx(0.6) and phases["between"]["gpu_ms"] == pytest.approx(0.1)
+    assert phases["wait"]["host_ms"] == pytest.approx(0.2) and phases["wait"]["gpu_ms"] is None
+    assert [kernel["name"] for kernel in summary["top_kernels"]] == ["gemm", "softmax"]
+    assert summary["top_host_ops"] == [{"name": "aten::mm", "calls": 9, "ms": 0.09}]
+
+
 def test_real_data_folder(tmp_path, monkeypatch):
     """With --data, every training batch is a set of windows of train.bin, drawn anew each step."""
     data = tmp_path / "data"
@@ -188,6 +287,8 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
         (["--attention=fa4", "--device=cpu"], "attention: fa4 runs on CUDA GPUs (Hopper or Blackwell) only"),
         (["--attention=fa4", "--device=cuda"], "attention: fa4 needs the flash-attn-4==4.0.0b36 package"),
         (["--device=cuda:x"], "device must be auto, cpu, cuda or cuda:N"),
+        (["--decode_repeats=0"], "decode_repeats must be >= 1, got 0"),
+        (["--decode_profile", "--decode_tokens=0"], "decode_profile: profiles decoding, which decode_tokens=0 skips"),
     ],
 )
 def test_bad_settings_are_config_errors(argv, message):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, multinomial_noise, sample_next_token
 
 
 def tiny_model(seed=0, **overrides) -> GPT:
@@ -152,7 +152,7 @@ def test_cache_takes_autocast_dtype():
     assert torch.equal(tokens[:, :7], expected)  # the first new token comes from the prefill: the forward pass's
 
 
-def test_compiled_decode_step_is_one_graph_for_every_prompt_and_gives_the_same_tokens():
+def test_compiled_decode_step_is_one_graph_per_sampling_for_every_prompt_and_gives_the_same_tokens():
     graphs = []
 
     def counting_backend(graph_module, example_inputs):
@@ -161,15 +161,17 @@ def test_compiled_decode_step_is_one_graph_for_every_prompt_and_gives_the_same_t
 
     torch._dynamo.reset()
     model = tiny_model(sla=True, sla_skip=2)
-    expected = {n: model.generate(torch.arange(n).view(1, n) % 61, 30, temperature=0) for n in (1, 5, 13, 24)}
+    prompts = {n: torch.arange(n).view(1, n) % 61 for n in (1, 5, 13, 24)}
+    greedy = {n: model.generate(prompt, 30, temperature=0) for n, prompt in prompts.items()}
     model.compile_decode_step(backend=counting_backend)  # fullgraph: a graph break would raise
-    for n, tokens in expected.items():  # prompt lengths, and sequences that outgrow block_size
-        assert torch.equal(model.generate(torch.arange(n).view(1, n) % 61, 30, temperature=0), tokens)
-    sampled = model.generate(torch.zeros((1, 4), dtype=torch.long), 10, temperature=1.0, generator=seed(0))
-    assert torch.equal(
-        sampled, generate_without_cache(model, torch.zeros((1, 4), dtype=torch.long), 10, generator=seed(0))
-    )
+    for n, prompt in prompts.items():  # prompt lengths, and sequences that outgrow block_size
+        assert torch.equal(model.generate(prompt, 30, temperature=0), greedy[n])
     assert len(graphs) == 1
+    for n, prompt in prompts.items():  # sampling runs inside the graph; the random numbers come from outside
+        for sampling in SAMPLING[1:]:
+            sampled = model.generate(prompt, 30, **sampling, generator=seed(n))
+            assert torch.equal(sampled, generate_without_cache(model, prompt, 30, **sampling, generator=seed(n)))
+    assert len(graphs) == 3  # one per sampling setting: temperature and top_k are constants of the graph
     torch._dynamo.reset()
 
 
@@ -179,9 +181,62 @@ def test_compiled_decode_step_with_inductor_matches_eager():
     model = tiny_model(sla=True, sla_skip=1)
     prompt = torch.randint(0, 61, (1, 4), generator=seed(0))
     expected = model.generate(prompt, 8, temperature=0)
+    expected_sampled = model.generate(prompt, 8, temperature=0.8, top_k=5, generator=seed(1))
     model.compile_decode_step()
     assert torch.equal(model.generate(prompt, 8, temperature=0), expected)
+    assert torch.equal(model.generate(prompt, 8, temperature=0.8, top_k=5, generator=seed(1)), expected_sampled)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("vocab_size", [7, 61, 50304])
+@pytest.mark.parametrize(
+    "sampling", [dict(temperature=1.0), dict(temperature=0.8, top_k=5), dict(temperature=2.0, top_k=1)]
+)
+def test_sampling_draws_what_multinomial_draws_from_the_same_generator(vocab_size, sampling):
+    """generate's sampler against torch.multinomial, the way tokens were drawn before: the same token for the same
+    seed, and the generator left in the same state (so the next draws agree too)."""
+    logits = torch.randn((3, vocab_size), generator=seed(vocab_size)) * 3
+    ours, theirs = seed(11), seed(11)
+    for _ in range(50):
+        noise = multinomial_noise(3, vocab_size, "cpu", ours)
+        token = sample_next_token(logits, **sampling, noise=noise)
+        scaled = logits / sampling["temperature"]
+        if sampling.get("top_k"):
+            kth = torch.topk(scaled, min(sampling["top_k"], vocab_size)).values[:, [-1]]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        assert torch.equal(token, torch.multinomial(F.softmax(scaled, dim=-1), num_samples=1, generator=theirs))
+    assert torch.equal(ours.get_state(), theirs.get_state())
+    if sampling.get("top_k") == 1:  # top_k 1 is the argmax whatever the noise
+        assert torch.equal(token, logits.argmax(dim=-1, keepdim=True))
+
+
+def test_generate_writes_tokens_once_into_one_tensor_and_never_waits_for_the_device(monkeypatch):
+    """The tokens go into one tensor allocated up front (no torch.cat per token), and nothing in the loop reads a
+    value back from the device (.item(), .tolist(), bool(tensor)): each would stall the host once per token."""
+    model = tiny_model(sla=True, sla_skip=1)
+    prompt = torch.randint(0, 61, (2, 5), generator=seed(0))
+    expected = generate_without_cache(model, prompt, 12, temperature=0.8, top_k=5, generator=seed(2))
+
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"generate called {name}")
+
+        return fail
+
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    concatenate = torch.cat
+
+    def cat_of_floats_only(tensors, *args, **kwargs):  # SLA concatenates K/V heads; token ids are never concatenated
+        if not tensors[0].is_floating_point():
+            raise AssertionError("generate concatenated token ids")
+        return concatenate(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", cat_of_floats_only)
+    monkeypatch.setattr(torch, "multinomial", forbidden("torch.multinomial"))
+    tokens = model.generate(prompt, 12, temperature=0.8, top_k=5, generator=seed(2))
+    monkeypatch.undo()
+    assert torch.equal(tokens, expected)
 
 
 def test_prompts_leave_out_cudnn_attention_but_keep_a_forced_backend():

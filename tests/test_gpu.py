@@ -104,8 +104,9 @@ def teacher_forced_decode_logits(model: GPT, tokens, prompt_len: int):
         # a token of generate's strides (other strides would compile the step anew) at its position
         token = tokens[:, position : position + 1].clone(memory_format=torch.contiguous_format)
         input_pos = torch.tensor([position], device=tokens.device)
-        # clone: a CUDA graph's output is overwritten by its next replay
-        steps.append(model.decode_step(token, input_pos, cache).clone())
+        # generate's per-token function (compiled by compile_decode_step), greedy; clone: a CUDA graph's output is
+        # overwritten by its next replay
+        steps.append(model.decode_token(token, input_pos, cache, 0.0)[1].clone())
     return torch.stack(steps, dim=1)
 
 
@@ -128,6 +129,21 @@ def test_static_cache_decode_matches_recomputation_in_bf16(sla_skip):
     recomputed = recomputed[0, 36:].float()
     picked = recomputed.gather(1, generated[0, 37:, None]).squeeze(1)
     assert (recomputed.max(dim=1).values - picked <= 0.02 * recomputed.std()).all()
+
+
+def test_sampling_draws_what_multinomial_draws_on_cuda():
+    """generate's sampler against torch.multinomial with a CUDA generator: the same tokens and generator state."""
+    from model import multinomial_noise, sample_next_token
+
+    logits = torch.randn((2, 50304), device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 3
+    ours, theirs = torch.Generator("cuda").manual_seed(5), torch.Generator("cuda").manual_seed(5)
+    for _ in range(100):
+        token = sample_next_token(logits, 0.8, 200, multinomial_noise(2, 50304, "cuda", ours))
+        scaled = logits / 0.8
+        kth = torch.topk(scaled, 200).values[:, [-1]]
+        probs = torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1)
+        assert torch.equal(token, torch.multinomial(probs, num_samples=1, generator=theirs))
+    assert torch.equal(ours.get_state(), theirs.get_state())
 
 
 def test_decode_step_compiles_once_to_a_cuda_graph_and_matches_eager():
