@@ -370,6 +370,7 @@ def measure_decode(model: GPT, config: BenchConfig, device: str, autocast, label
 # waits for the device to finish what it queued.
 DECODE_PHASES = ("prefill", "decode_token")
 DECODE_LABELS = ("generate", *DECODE_PHASES)
+DECODE_PROFILE_TOP = 12  # kernels and operators listed
 
 
 @contextmanager
@@ -461,9 +462,6 @@ def decode_profile_summary(events, averages, seconds: float, new_tokens: int) ->
             for row in sorted(host_rows, key=lambda row: row.self_cpu_time_total, reverse=True)[:top]
         ],
     }
-
-
-DECODE_PROFILE_TOP = 12  # kernels and operators listed
 
 
 def print_decode_profile(profiler, seconds: float, new_tokens: int, prompt_length: int, median_tokens_per_s) -> dict:
@@ -734,10 +732,7 @@ def flops_reference(config: BenchConfig, shape: Shape) -> GPT:
 
 def print_profile(train_step, steps: int, device_type: str):
     """The kernels and operators that take the time of `steps` more training steps, busiest first."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device_type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
+    with torch.profiler.profile(activities=profiler_activities(device_type)) as profiler:
         for _ in range(steps):
             train_step()
         if device_type == "cuda":
