@@ -10,6 +10,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
+# the environment of scripts run as a user runs them: one thread per process (tests run several on 2 cores), and
+# output unbuffered, so that a test reading it line by line sees each line when it is printed
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _require(path: Path, what: str) -> Path:

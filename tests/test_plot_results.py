@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import tiny_settings
 
 import plot_results
 from train import TrainConfig, main
@@ -11,15 +12,14 @@ from train import TrainConfig, main
 @pytest.fixture(scope="module")
 def run_dirs(byte_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    settings = dict(
-        data_dir=str(byte_data), device="cpu", dtype="float32", n_layer=3, n_head=4, n_embd=32, block_size=64,
-        batch_size=4, gradient_accumulation_steps=1, max_iters=6, eval_interval=3, eval_iters=2, log_interval=3,
-        eval_block_sizes=(32, 64), sla_skip=1,
-    )  # fmt: skip
     dirs = {}
     for variant in ("plain", "sla"):
         dirs[variant] = out / variant
-        main(TrainConfig(**settings, out_dir=str(dirs[variant]), sla=variant == "sla"))
+        settings = tiny_settings(
+            byte_data, dirs[variant], n_layer=3, n_head=4, gradient_accumulation_steps=1, max_iters=6,
+            eval_interval=3, eval_iters=2, log_interval=3, eval_block_sizes=(32, 64), sla=variant == "sla", sla_skip=1,
+        )  # fmt: skip
+        main(TrainConfig(**settings))
     return dirs
 
 
@@ -59,9 +59,8 @@ def ablation_dir(byte_data, tmp_path_factory):
     """Logs of real tiny runs named as sla_ablation.sh names them: plain and two SLA arms, two seeds each."""
     out = tmp_path_factory.mktemp("ablation")
     settings = dict(
-        data_dir=str(byte_data), device="cpu", dtype="float32", n_layer=3, n_head=4, n_embd=32, block_size=64,
-        batch_size=4, gradient_accumulation_steps=1, max_iters=4, eval_interval=2, eval_iters=2, final_eval_iters=3,
-        log_interval=2, eval_block_sizes=(16, 64),
+        n_layer=3, n_head=4, gradient_accumulation_steps=1, max_iters=4, eval_interval=2, eval_iters=2,
+        final_eval_iters=3, log_interval=2, eval_block_sizes=(16, 64),
     )  # fmt: skip
     for arm, sla in (
         ("plain", {}),
@@ -70,7 +69,7 @@ def ablation_dir(byte_data, tmp_path_factory):
     ):
         for seed in (1, 2):
             run = out / "runs" / f"{arm}-{seed}"
-            main(TrainConfig(**settings, **sla, seed=seed, out_dir=str(run)))
+            main(TrainConfig(**tiny_settings(byte_data, run, **settings, **sla, seed=seed)))
             (out / f"{arm}-seed{seed}.jsonl").write_text((run / "log.jsonl").read_text())
     return out
 

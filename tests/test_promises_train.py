@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_hf_gpt2, tiny_settings
+from conftest import REPO, SUBPROCESS_ENV, random_hf_gpt2, tiny_settings
 from torch.nn import functional as F
 
 import model as model_module
@@ -44,8 +44,6 @@ from train import (
     windows_to_tensor,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TOKENS_PER_ITER = 2 * 4 * 64  # gradient_accumulation_steps x batch_size x block_size of settings()
 BETA1, BETA2, ADAM_EPS = 0.9, 0.95, 1e-8  # TrainConfig's betas; torch's AdamW eps
 

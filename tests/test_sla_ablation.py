@@ -1,12 +1,12 @@
 """sla_ablation.sh as the campaign runs it: call after call, each starting the runs not yet logged."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, SUBPROCESS_ENV
+
 TINY = (  # issue 14's config with a model and a run small enough for a CPU
     "--device=cpu --dtype=float32 --compile=False --n_layer=10 --n_head=4 --n_embd=32 --block_size=64 --batch_size=2"
     " --max_iters=2 --eval_interval=2 --eval_iters=1 --final_eval_iters=1 --warmup_iters=1 --lr_decay_iters=2"
@@ -16,7 +16,7 @@ TINY = (  # issue 14's config with a model and a run small enough for a CPU
 
 def campaign_call(results: Path, log_dest: Path, work: Path, data: Path) -> str:
     env = {
-        **os.environ,
+        **SUBPROCESS_ENV,
         "RESULTS": str(results),
         "LOG_DEST": str(log_dest),
         "WORK": str(work),

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_hf_gpt2, write_byte_data
+from conftest import REPO, SUBPROCESS_ENV, random_hf_gpt2, write_byte_data
 from conftest import tiny_settings as tiny
 from torch.nn import functional as F
 
@@ -36,10 +36,6 @@ from train import (
     save_checkpoint,
     windows_to_tensor,
 )
-
-REPO = Path(__file__).resolve().parent.parent
-# one thread per process: the DDP test runs two on a 2-core machine
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def cli(settings: dict) -> list[str]:
