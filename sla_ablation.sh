@@ -7,8 +7,9 @@
 #   python plot_results.py --ablation results/sla-ablation-16k --png results/sla-ablation-16k/ablation.png
 #
 # The campaign spans GPU sessions: a run whose log already sits in results/sla-ablation-16k/ is done, so each call
-# starts the next ones in this order: seed 1 of every arm, then seed 2, then seed 3 of plain and of the SLA arm
-# with the lowest mean final val/loss@16384 over its seeds. As many runs start at once as there are GPUs
+# starts the next ones in this order: seed 1 of every arm, then seed 2, then seeds 3 and 4 of plain and of the SLA
+# arm with the lowest mean final val/loss@16384 over seeds 1 and 2 (at the seed spread of seeds 1 and 2, the
+# paired t-test needs about 4 seeds to tell a gap of 0.02; README). As many runs start at once as there are GPUs
 # (MAX_RUNS to change). Corpus: the Python sources of this Python's site-packages, gpt2 tokens, files in sorted
 # path order (a package's files next to each other), 2.5% of the files held out; the first session records its
 # token counts, and a later session whose corpus differs stops. New logs go to $LOG_DEST. On a device whose output
@@ -48,7 +49,7 @@ elif not os.path.exists(dest):
     shutil.copy(stats if os.path.exists(stats) else meta_path, dest)
 EOF
 
-best_sla_arm() {  # the SLA arm with the lowest mean final val/loss@16384 over its logged seeds
+best_sla_arm() {  # the SLA arm with the lowest mean final val/loss@16384 over the seeds every SLA arm has
     $PYTHON plot_results.py --ablation "$RESULTS" --best_sla_arm
 }
 
@@ -57,10 +58,13 @@ pending() {
     for seed in 1 2; do
         for arm in $ARMS; do order="$order $arm-seed$seed"; done
     done
-    order="$order plain-seed3"
-    local all_seed2_done=1
+    local all_seed2_done=1 best=""
     for arm in $ARMS; do [ -f "$RESULTS/$arm-seed2.jsonl" ] || all_seed2_done=0; done
-    [ $all_seed2_done = 1 ] && order="$order $(best_sla_arm)-seed3"
+    [ $all_seed2_done = 1 ] && best=$(best_sla_arm)
+    for seed in 3 4; do
+        order="$order plain-seed$seed"
+        [ -n "$best" ] && order="$order $best-seed$seed"
+    done
     for run in $order; do  # done: logged in the campaign's folder, or by an earlier call into the same LOG_DEST
         [ -f "$RESULTS/$run.jsonl" ] || [ -f "$LOG_DEST/$run.jsonl" ] || echo "$run"
     done

@@ -111,6 +111,27 @@ def test_ablation_table_recomputed_from_the_logs(ablation_dir, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_best_sla_arm_ranks_on_the_seeds_every_sla_arm_has(ablation_dir, tmp_path):
+    # the campaign's seed-3 and -4 runs go to the best arm only: its extra seeds must not decide the next ranking
+    for log in ablation_dir.glob("*.jsonl"):
+        (tmp_path / log.name).write_text(log.read_text())
+    best = plot_results.main(["--ablation", str(tmp_path), "--best_sla_arm"])
+    other = ({"sla-skip1", "sla-skip2"} - {best}).pop()
+    easy_seed = []  # a third seed far easier than seeds 1 and 2: on a mean over all its seeds, `other` would win
+    for line in (tmp_path / f"{other}-seed1.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key in record:
+            if key.startswith("val/loss@"):
+                record[key] -= 1.0
+        easy_seed.append(json.dumps(record))
+    (tmp_path / f"{other}-seed3.jsonl").write_text("\n".join(easy_seed) + "\n")
+    assert plot_results.main(["--ablation", str(tmp_path), "--best_sla_arm"]) == best
+    (tmp_path / f"{best}-seed2.jsonl").unlink()
+    (tmp_path / f"{other}-seed1.jsonl").unlink()
+    with pytest.raises(SystemExit, match="share no seed"):
+        plot_results.main(["--ablation", str(tmp_path), "--best_sla_arm"])
+
+
 def test_ablation_folder_errors(ablation_dir, tmp_path):
     (tmp_path / "plain-1.jsonl").write_text((ablation_dir / "plain-seed1.jsonl").read_text())
     with pytest.raises(SystemExit, match=r"plain-1.jsonl is not named <arm>-seed<N>.jsonl"):
