@@ -72,6 +72,7 @@ SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
 }
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's
+CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # compile modes that run the step as CUDA graphs
 ATTENTIONS = ("sdpa", "fa4")
 FA4_PACKAGE = "flash-attn-4==4.0.0b36"  # the version whose API fa4_forward and fa4_backward were written against
 
@@ -614,6 +615,7 @@ class Contender:
     losses: list[float] = field(default_factory=list)
     resident_bytes: int = 0  # what stays allocated between its steps: weights, optimizer state, batches
     step_bytes: int = 0  # the most its steps allocated above what was allocated before them
+    warmup_peak_bytes: int = 0  # the most allocated during its warm-up, above what was allocated before it
 
     @property
     def alive(self) -> bool:
@@ -634,6 +636,8 @@ def warm_up(contender: Contender, config: BenchConfig, device: str):
     """Build the model and run its warm-up steps; its first step's time (compilation included) and loss."""
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     allocated_before = torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
     with contender.context():
         contender.model, contender.train_step = contender.build()
         contender.row["n_params"] = contender.model.get_num_params()
@@ -646,6 +650,7 @@ def warm_up(contender: Contender, config: BenchConfig, device: str):
                 contender.row["first_loss"] = loss.item()
     if device.startswith("cuda"):
         contender.resident_bytes = torch.cuda.memory_allocated(device) - allocated_before
+        contender.warmup_peak_bytes = torch.cuda.max_memory_allocated(device) - allocated_before
 
 
 def run_block(contender: Contender, steps: int, device: str):
@@ -709,8 +714,13 @@ def measure_group(group: list[Contender], config: BenchConfig, shape: Shape, dev
             loss=contender.losses[-1],
         )
         if device.startswith("cuda"):
-            row["peak_mem_gib"] = (contender.resident_bytes + contender.step_bytes) / 2**30
-            row["step_mem_gib"] = contender.step_bytes / 2**30
+            step_bytes = contender.step_bytes
+            if row["compile_mode"] in CUDA_GRAPH_MODES:
+                # A replayed CUDA graph allocates nothing: its activations live in a pool that capturing it, in the
+                # warm-up, allocated. So its steps' peak is the warm-up's (which also holds the capture's own work).
+                step_bytes = max(step_bytes, contender.warmup_peak_bytes - contender.resident_bytes)
+            row["peak_mem_gib"] = (contender.resident_bytes + step_bytes) / 2**30
+            row["step_mem_gib"] = step_bytes / 2**30
         if config.profile_steps:
             with contender.context():
                 print_profile(contender.train_step, config.profile_steps, device.split(":")[0])

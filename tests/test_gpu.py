@@ -167,6 +167,19 @@ def test_decode_step_compiles_once_to_a_cuda_graph_and_matches_eager():
     torch._dynamo.reset()
 
 
+def test_bench_peak_memory_counts_the_cuda_graph_pool():
+    """Under reduce-overhead a replayed step allocates nothing: the row's peak must still hold its activations."""
+    import bench
+
+    shape = dict(shapes=("small:1024:4",), sla_skips=(), warmup_steps=3, rounds=1, block_steps=3, decode_tokens=0)
+    modes = ("default", "reduce-overhead")
+    default, graphs = (bench.main(bench.BenchConfig(**shape, compile=True, compile_mode=mode))[0] for mode in modes)
+    print(f"peak GiB: default {default['peak_mem_gib']:.2f}, reduce-overhead {graphs['peak_mem_gib']:.2f}")
+    assert default["step_mem_gib"] > 1.0  # 4 windows of 1024 tokens: GiBs of activations and logits
+    assert graphs["step_mem_gib"] > 0.5 * default["step_mem_gib"]
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fa4_attention_matches_flash_sdpa_in_bf16(compiled):
     """bench.py --attention=fa4 (FlashAttention-4's kernels as custom operators) against SDPA's flash kernel, SLA
