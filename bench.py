@@ -90,7 +90,7 @@ ROW_FIELDS = (
     # KV-cache decoding (our models)
     "decode_prompt_tokens", "decode_fresh_prompt", "decode_tokens", "decode_tokens_per_s", "decode_compile_s",
     "kv_cache_bytes_per_token", "decode_repeats", "decode_prompt_tokens_each", "decode_tokens_per_s_each",
-    "decode_profile",
+    "decode_profile", "decode_freeze_weights",
     # against nanoGPT (--peer) of the same shape: its ms/step over this row's
     "ratio_vs_nanogpt",
     # SLA rows: SLA / plain of the same shape
@@ -107,7 +107,7 @@ DECODE_ROW_FIELDS = {
     "kv_cache_bytes_per_token": "kv_cache_bytes_per_token", "ratio_tokens_per_s": "ratio_decode_tokens_per_s",
     "ratio_kv_cache_bytes": "ratio_kv_cache_bytes", "repeats": "decode_repeats",
     "prompt_tokens_each": "decode_prompt_tokens_each", "tokens_per_s_each": "decode_tokens_per_s_each",
-    "profile": "decode_profile", "error": "error",
+    "profile": "decode_profile", "freeze_weights": "decode_freeze_weights", "error": "error",
 }  # fmt: skip
 
 
@@ -156,6 +156,8 @@ class BenchConfig:
     decode_prompt_tokens: int = 128  # or the next length this process has not prefilled yet
     decode_repeats: int = 3  # timed generations, each after a prompt of a new length; the row gives their median
     decode_profile: bool = False  # profile one more generation and print where its time goes
+    # lever: compile the decode step with the weights as constants (GPT.compile_decode_step(freeze_weights=True))
+    decode_freeze_weights: bool = False
     seed: int = 0
     profile_steps: int = 0  # > 0: after timing, profile this many more steps per model and print the busiest kernels
     out: str = ""  # JSON-lines file the rows are appended to; '' prints only
@@ -174,6 +176,8 @@ class BenchConfig:
                 raise ValueError(f"sla_head_ratio: {self.sla_head_ratio} of {shape.size}'s {n_head} heads is 0 heads")
         if min(self.decode_tokens, self.profile_steps) < 0:
             raise ValueError("decode_tokens and profile_steps must be >= 0")
+        if self.decode_freeze_weights and not self.compile:
+            raise ValueError("decode_freeze_weights: freezes the weights into the compiled decode step: add --compile")
         if self.decode_repeats < 1:
             raise ValueError(f"decode_repeats must be >= 1, got {self.decode_repeats}")
         if self.decode_profile and self.decode_tokens == 0:
@@ -336,7 +340,7 @@ def measure_decode(model: GPT, config: BenchConfig, device: str, autocast, label
 
     model.eval()
     if config.compile:
-        model.compile_decode_step()
+        model.compile_decode_step(freeze_weights=config.decode_freeze_weights)
     compile_seconds = generate_seconds(1, DECODE_WARMUP_TOKENS)
     prompt_lengths, tokens_per_s, fresh = [], [], True
     for _ in range(config.decode_repeats):
@@ -842,6 +846,7 @@ def main(config: BenchConfig) -> list[dict]:
         ours = {
             "compile_mode": config.compile_mode, "compile_optimizer": config.compile_optimizer,
             "attention": config.attention, "sdpa_backend": config.sdpa_backend, "loss_impl": config.loss_impl,
+            "decode_freeze_weights": config.decode_freeze_weights if config.decode_tokens > 0 else None,
         }  # fmt: skip
 
         def our_contender(sla_skip, shape=shape, ours=ours, common=common):

@@ -42,6 +42,8 @@ class SampleConfig:
     device: str = "auto"  # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:N'
     dtype: str = "auto"  # 'auto' (bfloat16 on CUDA, float16 if unsupported; float32 on CPU) | 'bfloat16' | ...
     compile: bool = False
+    # with compile: the weights become constants of the compiled decode step, so autocast casts them once, not per token
+    freeze_weights: bool = False
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 0:
@@ -50,6 +52,8 @@ class SampleConfig:
             raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 (or None: the full distribution), got {self.top_k}")
+        if self.freeze_weights and not self.compile:
+            raise ValueError("freeze_weights: freezes the weights into the compiled decode step: add --compile")
         check_dtype(self.dtype)
         check_device(self.device)
 
@@ -146,7 +150,8 @@ def main(config: SampleConfig) -> list[str]:
     drop_padding_tokens(model, tokenizer.vocab_size)
     model.eval().to(device)
     if config.compile:
-        model.compile_decode_step()  # the step generate runs per token; its shapes are the same for any prompt
+        # the step generate runs per token; its shapes are the same for any prompt
+        model.compile_decode_step(freeze_weights=config.freeze_weights)
 
     prompt_ids = tokenizer.encode(read_prompt(config.start)) or [tokenizer.eot_token]
     if len(prompt_ids) > model.config.block_size:

@@ -288,6 +288,7 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
         (["--attention=fa4", "--device=cuda"], "attention: fa4 needs the flash-attn-4==4.0.0b36 package"),
         (["--device=cuda:x"], "device must be auto, cpu, cuda or cuda:N"),
         (["--decode_repeats=0"], "decode_repeats must be >= 1, got 0"),
+        (["--decode_freeze_weights"], "decode_freeze_weights: freezes the weights into the compiled decode step"),
         (["--decode_profile", "--decode_tokens=0"], "decode_profile: profiles decoding, which decode_tokens=0 skips"),
     ],
 )

@@ -188,6 +188,33 @@ def test_compiled_decode_step_with_inductor_matches_eager():
     torch._dynamo.reset()
 
 
+def test_frozen_decode_step_gives_the_same_tokens_and_keeps_the_weights_it_compiled_with():
+    """freeze_weights under bf16 autocast, as sample.py and bench.py decode on a GPU: the weights and their bf16
+    casts become constants of the compiled step, the tokens stay those of the unfrozen step, and a later change to
+    the weights reaches only a step that is not frozen."""
+    with pytest.raises(ValueError, match="freeze_weights: needs the inductor backend"):
+        tiny_model().compile_decode_step(backend="eager", freeze_weights=True)
+    prompt = torch.randint(0, 61, (1, 4), generator=seed(0))
+    runs = {}
+    for freeze_weights in (False, True):
+        torch._dynamo.reset()
+        model = tiny_model(sla=True, sla_skip=1)
+        model.compile_decode_step(freeze_weights=freeze_weights)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            greedy = model.generate(prompt, 12, temperature=0)
+            sampled = model.generate(prompt, 12, temperature=0.8, top_k=5, generator=seed(1))
+        with torch.no_grad():  # outside autocast, whose cache of cast weights ends with its context
+            for block in model.transformer.h:
+                block.mlp.c_fc.weight.mul_(-3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            changed = model.generate(prompt, 12, temperature=0)
+        runs[freeze_weights] = greedy, sampled, changed
+    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    assert not torch.equal(runs[False][2], runs[False][0])  # the unfrozen step decodes with the changed weights
+    assert not torch.equal(runs[True][2], runs[False][2])  # the frozen one with those it compiled with
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("vocab_size", [7, 61, 50304])
 @pytest.mark.parametrize(
     "sampling", [dict(temperature=1.0), dict(temperature=0.8, top_k=5), dict(temperature=2.0, top_k=1)]

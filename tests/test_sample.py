@@ -175,6 +175,7 @@ def test_checkpoint_trained_by_train_py(tmp_path):
         (["--temperature=-1"], "temperature must be 0 (greedy) or >= 1e-06"),
         (["--temperature=nan"], "temperature must be 0 (greedy) or >= 1e-06"),
         (["--device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
+        (["--freeze_weights"], "freeze_weights: freezes the weights into the compiled decode step: add --compile"),
     ],
 )
 def test_bad_values_are_config_errors(argv, message):
