@@ -1,17 +1,25 @@
 """fa4.py on the CPU, around a reference stand-in for FlashAttention-4's kernels: its custom operators train as SDPA
-(plain and SLA, eager and compiled), use_fa4 routes one model only, bench.py --attention=fa4 runs through it. The
-real kernels are checked against SDPA in tests/test_gpu.py."""
+(plain and SLA, eager and compiled), use_fa4 routes one model only, train.py --attention=fa4 and bench.py
+--attention=fa4 run through it, a run may switch attention on resume, sample.py and the scripts need no flash_attn,
+and the attention key's errors. The real kernels are checked against SDPA in tests/test_gpu.py."""
 
+import json
 import math
+import subprocess
 import sys
 import types
 
 import pytest
 import torch
+from conftest import REPO, SUBPROCESS_ENV, tiny_settings
 
 import bench
-from fa4 import check_fa4, fa4_causal_attention, use_fa4
+import sample
+import train
+from configurator import ConfigError, parse_config
+from fa4 import FA4_PACKAGE, check_fa4, fa4_causal_attention, use_fa4
 from model import GPT, CausalSelfAttention, GPTConfig
+from train import TrainConfig, TrainError, load_checkpoint, main
 
 
 def reference_attention(q, k, v):
@@ -61,7 +69,8 @@ def flash_attn_stand_in(monkeypatch):
 
 @pytest.fixture
 def fa4_on_the_cpu(monkeypatch):
-    """bench.py accepts attention=fa4 on the CPU, where the stand-in runs it."""
+    """train.py and bench.py accept attention=fa4 on the CPU, where the stand-in runs it."""
+    monkeypatch.setattr(train, "check_fa4", lambda device, dtype="auto": None)
     monkeypatch.setattr(bench, "check_fa4", lambda device, dtype="auto": None)
 
 
@@ -100,6 +109,77 @@ def test_use_fa4_trains_as_sdpa(flash_attn_stand_in, sla, backend):
     assert flash_attn_stand_in == {"forward": 8, "backward": 4}
 
 
+def read_log(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def losses(out_dir) -> dict[tuple[int, str], float]:
+    """Every logged training and validation loss, by (iter, key)."""
+    return {
+        (line["iter"], key): value
+        for line in read_log(out_dir)
+        for key, value in line.items()
+        if key == "train/loss" or key.startswith("val/loss")
+    }
+
+
+def assert_same_losses(got: dict, expected: dict):
+    assert got.keys() == expected.keys() and len(expected) > 0
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_train_py_trains_through_fa4(flash_attn_stand_in, fa4_on_the_cpu, byte_data, tmp_path):
+    """attention=fa4 routes training and evaluation through the operators, to SDPA's losses; sdpa never calls them."""
+    settings = tiny_settings(byte_data, tmp_path, sla=True, sla_skip=1, max_iters=4, eval_interval=2)
+    main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "sdpa")}))  # attention left at its default
+    assert flash_attn_stand_in == {"forward": 0, "backward": 0}
+    assert [line["config"]["attention"] for line in read_log(tmp_path / "sdpa") if "config" in line] == ["sdpa"]
+    main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "fa4"), "attention": "fa4"}))
+
+    n_layer, micro_steps = settings["n_layer"], settings["max_iters"] * settings["gradient_accumulation_steps"]
+    # evaluations at iters 0, 2, 4: eval_iters batches of batch_size windows at T = block_size
+    eval_forwards = 3 * settings["eval_iters"]
+    assert flash_attn_stand_in == {
+        "forward": n_layer * (micro_steps + eval_forwards),
+        "backward": n_layer * micro_steps,  # the SLA layer's attention is saved for backward, not run again
+    }
+    assert_same_losses(losses(tmp_path / "fa4"), losses(tmp_path / "sdpa"))
+    assert [line["config"]["attention"] for line in read_log(tmp_path / "fa4") if "config" in line] == ["fa4"]
+    assert load_checkpoint(str(tmp_path / "fa4"))["config"]["attention"] == "fa4"
+
+
+def test_resume_may_switch_attention(flash_attn_stand_in, fa4_on_the_cpu, byte_data, tmp_path, monkeypatch, capsys):
+    """Attention changes kernels, not the math: a resumed run may switch it (no 'no longer an exact continuation'
+    note) and continues to the uninterrupted run's losses. An fa4 checkpoint where FA4 cannot run is an error that
+    names the fix, and sample.py reads it without flash_attn."""
+    reference = tiny_settings(byte_data, tmp_path / "reference", max_iters=6, eval_interval=3)
+    main(TrainConfig(**reference))
+    resume_keys = {"out_dir", "init_from", "max_iters", "attention"}  # as `--attention=...` on the command line
+    for first, then in (("fa4", "sdpa"), ("sdpa", "fa4")):
+        out_dir = tmp_path / f"{first}-then-{then}"
+        interrupted = {**reference, "out_dir": str(out_dir), "max_iters": 3}
+        main(TrainConfig(**interrupted, attention=first))
+        if first == "fa4":
+            with monkeypatch.context() as real:
+                real.setattr(train, "check_fa4", check_fa4)  # the real check: FA4 cannot run on the saved cpu
+                resume = TrainConfig(**{**interrupted, "init_from": "resume", "max_iters": 6})
+                with pytest.raises(TrainError, match=r"attention: fa4 runs on CUDA GPUs .* use --attention=sdpa"):
+                    main(resume, explicit_keys={"out_dir", "init_from", "max_iters"})
+                real.setitem(sys.modules, "flash_attn", None)  # sampling needs no flash_attn
+                samples = sample.main(
+                    sample.SampleConfig(out_dir=str(out_dir), device="cpu", num_samples=2, max_new_tokens=8)
+                )
+                assert len(samples) == 2
+        capsys.readouterr()
+        resume = TrainConfig(**{**interrupted, "init_from": "resume", "max_iters": 6, "attention": then})
+        main(resume, explicit_keys=resume_keys)
+        assert "no longer an exact continuation" not in capsys.readouterr().out
+        assert_same_losses(losses(out_dir), losses(tmp_path / "reference"))
+        assert [line["config"]["attention"] for line in read_log(out_dir) if "config" in line] == [first, then]
+    assert flash_attn_stand_in["backward"] == 2 * (2 * 3 * 2)  # each direction: 2 layers, 3 steps of 2 micro-steps
+
+
 def test_bench_routes_our_models_through_fa4(flash_attn_stand_in, fa4_on_the_cpu):
     """bench.py --attention=fa4 measures our models through the operators, to SDPA's losses."""
     settings = dict(shapes=("tiny:16:1",), sla_skips=(1,), device="cpu", warmup_steps=1, rounds=1, block_steps=1,
@@ -112,6 +192,36 @@ def test_bench_routes_our_models_through_fa4(flash_attn_stand_in, fa4_on_the_cpu
         assert fa4_row["attention"] == "fa4" and fa4_row["model"] == sdpa_row["model"]
         assert fa4_row["first_loss"] == pytest.approx(sdpa_row["first_loss"], rel=1e-5)
         assert fa4_row["loss"] == pytest.approx(sdpa_row["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--attention=flex"], "attention must be one of sdpa, fa4, got 'flex'"),
+        (
+            ["--attention=fa4", "--device=cpu"],
+            "attention: fa4 runs on CUDA GPUs (Hopper or Blackwell) only, not on 'cpu'; use --attention=sdpa",
+        ),
+        (
+            ["--attention=fa4", "--device=cpu", "--dropout=0.1"],
+            "attention: fa4 has no attention dropout, but dropout=0.1: set --dropout=0, or use --attention=sdpa",
+        ),
+        (
+            ["--attention=fa4", "--device=cuda", "--dtype=float32"],
+            "attention: fa4 runs in bfloat16 or float16 only, not with dtype=float32; use --dtype=auto (or bfloat16), "
+            "or --attention=sdpa",
+        ),
+        (
+            ["--attention=fa4", "--device=cuda"],
+            f"attention: fa4 needs the {FA4_PACKAGE} package (pip install {FA4_PACKAGE}), or use --attention=sdpa: ",
+        ),
+    ],
+)
+def test_attention_errors_name_the_key_and_the_fix(monkeypatch, argv, message):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed, also on a machine where it is
+    with pytest.raises(ConfigError) as error:
+        parse_config(TrainConfig, argv)
+    assert str(error.value).startswith(message)
 
 
 def test_missing_cutlass_points_at_the_dsl_packages_folder(tmp_path, monkeypatch):
@@ -130,3 +240,19 @@ def test_missing_cutlass_points_at_the_dsl_packages_folder(tmp_path, monkeypatch
     finally:
         for name in ("flash_attn", "flash_attn.cute"):
             sys.modules.pop(name, None)
+
+
+def test_scripts_import_and_refuse_fa4_without_flash_attn():
+    """Importing fa4.py, train.py, bench.py and sample.py imports no flash_attn (the operators register without it);
+    train.py --attention=fa4 then exits 2 naming the package."""
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['flash_attn'] = None  # an import of it raises, as if not installed\n"
+        "import fa4, bench, sample, train, torch\n"
+        "assert torch.ops.sla_gpt.fa4_forward is not None\n"
+        "sys.argv = ['train.py', '--attention=fa4', '--device=cuda']\n"
+        "runpy.run_path('train.py', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: attention: fa4 needs the {FA4_PACKAGE} package"), result.stderr[-3000:]
