@@ -49,11 +49,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch._dynamo
-from torch import Tensor, nn
+from torch import nn
 from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import autocast_context, check_device, check_dtype, parse_cli, resolve_device, resolve_dtype
+from fa4 import ATTENTIONS, check_fa4, use_fa4
 from model import GPT, GPTConfig
 from train import load_meta, open_tokens, windows_to_tensor
 
@@ -73,8 +74,6 @@ SDPA_BACKENDS = {
 }
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's
 CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # compile modes that run the step as CUDA graphs
-ATTENTIONS = ("sdpa", "fa4")
-FA4_PACKAGE = "flash-attn-4==4.0.0b36"  # the version whose API fa4_forward and fa4_backward were written against
 
 
 # Every JSON line has these keys, in this order (None where a value does not apply or was not measured).
@@ -196,7 +195,7 @@ class BenchConfig:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.attention == "fa4":
-            check_fa4(resolve_device(self.device))
+            check_fa4(resolve_device(self.device), self.dtype)
         check_device(self.device)  # after fa4's check, whose message says more about a missing GPU
         if self.peer and not (Path(self.peer) / "model.py").is_file():
             raise ValueError(f"peer: {Path(self.peer) / 'model.py'} not found (give the folder of nanoGPT's model.py)")
@@ -207,72 +206,6 @@ class BenchConfig:
             data_vocab_size = json.loads((Path(self.data) / "meta.json").read_text())["vocab_size"]
             if data_vocab_size > self.vocab_size:
                 raise ValueError(f"vocab_size: {self.vocab_size} is less than {self.data}'s {data_vocab_size}")
-
-
-# --attention=fa4: FlashAttention-4 (the flash-attn-4 package's flash_attn.cute, for Hopper and Blackwell GPUs) in
-# place of SDPA in model.py's attend(), for causal attention without a mask (training steps, prefill). Its
-# autograd.Function cannot be traced by torch.compile, so its forward and backward are custom operators with
-# shape-only (fake) implementations: a compiled graph calls them as opaque kernels, and SLA's selective
-# checkpointing saves the attention's output as it saves SDPA's instead of running the kernel again in backward.
-# q, k, v and the output are (B, T, n_head, head_dim), FA4's layout and attend()'s.
-
-
-def check_fa4(device: str):
-    """--attention=fa4 needs a CUDA device and flash_attn.cute; a ValueError saying which is missing."""
-    if not device.startswith("cuda"):
-        raise ValueError(f"attention: fa4 runs on CUDA GPUs (Hopper or Blackwell) only, not on {device!r}; use sdpa")
-    try:
-        import flash_attn.cute  # noqa: F401
-    except ImportError as err:
-        raise ValueError(f"attention: fa4 needs the {FA4_PACKAGE} package (pip install it): {err}") from None
-
-
-@torch.library.custom_op("sla_gpt::fa4_forward", mutates_args=())
-def fa4_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Causal attention: the output (B, T, n_head, head_dim) and the log-sum-exp of each row's scores (B, n_head, T)."""
-    from flash_attn.cute import flash_attn_func
-
-    with torch.no_grad():  # the operator's autograd formula is _fa4_backward, not FA4's own autograd.Function
-        out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
-    return out.contiguous(), lse.contiguous()
-
-
-@fa4_forward.register_fake
-def _(q, k, v):
-    batch_size, seq_len, n_head, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch_size, n_head, seq_len), dtype=torch.float32)
-
-
-@torch.library.custom_op("sla_gpt::fa4_backward", mutates_args=())
-def fa4_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of q, k and v, given the output's gradient dout and fa4_forward's out and lse."""
-    from flash_attn.cute.interface import _flash_attn_bwd
-
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@fa4_backward.register_fake
-def _(dout, q, k, v, out, lse):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _fa4_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
-
-
-def _fa4_backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return fa4_backward(dout.contiguous(), q, k, v, out, lse)
-
-
-fa4_forward.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
-
-
-def fa4_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return fa4_forward(q, k, v)[0]
 
 
 def batch_source(config: BenchConfig, shape: Shape, device: str):
@@ -560,8 +493,8 @@ def build_ours(config: BenchConfig, shape: Shape, sla_skip: int | None, device: 
     model = GPT(model_config).to(device)
     for block in model.transformer.h:  # this model only: the class-wide defaults stay as they are
         block.attn.recompute_mixed_kv = config.sla_recompute_kv
-        if config.attention == "fa4":
-            block.attn.causal_attention = fa4_causal_attention
+    if config.attention == "fa4":
+        use_fa4(model)  # this model only, too
     optimizer = model.configure_optimizers(
         weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type=device_type
     )

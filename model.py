@@ -82,7 +82,7 @@ class CausalSelfAttention(nn.Module):
     # by a copy per SLA layer, 2*B*T*C values more memory each. bench.py --sla_recompute_kv=False measures it.
     recompute_mixed_kv = True
     # A function (q, k, v) -> causal attention in attend()'s layout, used in place of SDPA where attend() has no mask
-    # (training, prefill); None: SDPA. bench.py --attention=fa4 sets it on the models it measures.
+    # (training, prefill); None: SDPA. --attention=fa4 (train.py, bench.py) sets it per model with fa4.use_fa4.
     causal_attention = None
 
     def __init__(self, config: GPTConfig, layer: int):

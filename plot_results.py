@@ -22,6 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 
 UNPAIRED_KEYS = {"sla", "sla_head_ratio", "sla_skip", "out_dir", "wandb_run_name", "init_from", "eval_only"}
+# keys that train.py's config gained later, with the value that logs from before them ran with
+ADDED_KEYS = {"attention": "sdpa"}
 
 
 def read_run(path: str) -> dict:
@@ -48,7 +50,8 @@ def pair_runs(runs: list[dict]) -> list[tuple[dict | None, dict | None]]:
     """(plain, sla) pairs of runs whose configs match apart from the SLA settings."""
     groups: dict[str, dict] = defaultdict(dict)
     for run in runs:
-        key = json.dumps({k: v for k, v in sorted(run["config"].items()) if k not in UNPAIRED_KEYS})
+        config = {**ADDED_KEYS, **run["config"]}
+        key = json.dumps({k: v for k, v in sorted(config.items()) if k not in UNPAIRED_KEYS})
         variant = "sla" if run["config"].get("sla") else "plain"
         if variant in groups[key]:
             raise SystemExit(f"error: runs {groups[key][variant]['name']} and {run['name']} both are {variant}")

@@ -50,6 +50,7 @@ from configurator import (
     resolve_device,
     resolve_dtype,
 )
+from fa4 import ATTENTIONS, check_fa4, use_fa4
 from model import GPT, GPTConfig
 
 
@@ -105,6 +106,9 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:N'; under torchrun cuda:LOCAL_RANK
     dtype: str = "auto"  # 'auto' (bfloat16 on CUDA, float16 if unsupported; float32 on CPU) | 'bfloat16' | ...
     compile: bool = False
+    # 'sdpa' | 'fa4': FlashAttention-4 (flash-attn-4, Hopper/Blackwell GPUs, bf16/fp16, no dropout) for the causal
+    # attention of training and evaluation; kernels only, the math is the same, so a resumed run may switch
+    attention: str = "sdpa"
     seed: int = 1337
 
     def __post_init__(self):
@@ -124,7 +128,16 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         check_dtype(self.dtype)
-        check_device(self.device)
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.attention == "fa4":
+            if self.dropout > 0:  # refused, not ignored: the run would train without the dropout it asks for
+                raise ValueError(
+                    f"attention: fa4 has no attention dropout, but dropout={self.dropout}: set --dropout=0, or use "
+                    f"--attention=sdpa"
+                )
+            check_fa4(resolve_device(self.device), self.dtype)
+        check_device(self.device)  # after fa4's check, whose message says more about a missing GPU
 
 
 EVAL_SEED = 0  # the validation windows' seed: fixed, so every run and every evaluation scores the same windows
@@ -342,11 +355,11 @@ def drop_log_lines_after(log_path: str, iter_num: float) -> int:
 
 ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")  # fixed by ckpt.pt
 # keys that a resumed run may change and still continue the same training exactly: where it writes, how long it
-# runs, how it is evaluated and logged, whether it is compiled
+# runs, how it is evaluated and logged, whether it is compiled and which attention kernels run
 CONTINUATION_KEYS = {
     "out_dir", "overwrite", "init_from", "always_save_checkpoint", "eval_interval", "eval_iters", "final_eval_iters",
     "eval_block_sizes", "eval_batch_size", "eval_only", "eval_data_dir", "eval_tag", "log_interval", "wandb_log",
-    "wandb_project", "wandb_run_name", "max_iters", "compile",
+    "wandb_project", "wandb_run_name", "max_iters", "compile", "attention",
 }  # fmt: skip
 
 
@@ -544,12 +557,17 @@ def setup(config: TrainConfig, checkpoint: dict | None, device: str, rank: int) 
     model = build_model(config, checkpoint, train_meta or eval_meta)
     check_model_reads_data(config, model, checkpoint, {config.data_dir: train_meta, eval_data_dir: eval_meta})
     model.to(device)
+    if config.attention == "fa4":
+        use_fa4(model)  # the bare model, so that evaluation runs it too and torch.compile and DDP wrap it
     sla_summary = (
         f"{model.config.n_skip_heads} skip heads, sla_skip {model.config.sla_skip}" if model.config.sla else "off"
     )
     if rank == 0:
         n_params = model.get_num_params() / 1e6
-        print(f"model: {n_params:.2f}M parameters, block_size {model.config.block_size}, SLA {sla_summary}")
+        print(
+            f"model: {n_params:.2f}M parameters, block_size {model.config.block_size}, SLA {sla_summary}, "
+            f"attention {config.attention}"
+        )
 
     eval_block_sizes = config.eval_block_sizes or default_eval_block_sizes(model.config.block_size)
     eval_batch_sizes = {

@@ -1,6 +1,5 @@
 """bench.py on CPU with tiny shapes: the rows it writes, their ratios, nanoGPT beside ours timed round-robin, the
-levers, FA4's custom operators (around a reference stand-in for the kernel), real data, out-of-memory rows, bad
-settings."""
+levers, real data, out-of-memory rows, bad settings. --attention=fa4's operators: tests/test_fa4.py."""
 
 import json
 import math
@@ -8,7 +7,6 @@ import os
 import statistics
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +290,8 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
         (["--decode_profile", "--decode_tokens=0"], "decode_profile: profiles decoding, which decode_tokens=0 skips"),
     ],
 )
-def test_bad_settings_are_config_errors(argv, message):
+def test_bad_settings_are_config_errors(argv, message, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed, also on a machine where it is
     with pytest.raises(ConfigError) as error:
         parse_config(BenchConfig, argv)
     assert message in str(error.value)
@@ -449,79 +448,3 @@ def test_compiled_levers():
     assert row["error"] is None and row["compile"] is True and row["compile_optimizer"] is True
     assert row["compile_mode"] == "max-autotune-no-cudagraphs" and row["timed_steps"] == 2
     assert row["first_loss"] == pytest.approx(math.log(256), abs=0.1) and row["loss"] < row["first_loss"]
-
-
-def reference_attention(q, k, v):
-    """Causal attention of (B, T, H, D) inputs in float32: the output and each row's log-sum-exp (B, H, T)."""
-    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
-    causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
-    lse = scores.logsumexp(-1)
-    return ((scores - lse.unsqueeze(-1)).exp() @ v).transpose(1, 2), lse, scores
-
-
-@pytest.fixture
-def flash_attn_stand_in(monkeypatch):
-    """flash_attn.cute's two functions that bench.py calls, as FA4 4.0.0b36 defines them, computed in plain torch
-    (FlashAttention's backward formulas); the calls are counted."""
-    calls = {"forward": 0, "backward": 0}
-
-    def flash_attn_func(q, k, v, causal=False, return_lse=False):
-        assert causal and return_lse and q.shape == k.shape == v.shape
-        calls["forward"] += 1
-        out, lse, _ = reference_attention(q, k, v)
-        return out.to(q.dtype), lse
-
-    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False):
-        assert causal
-        calls["backward"] += 1
-        _, _, scores = reference_attention(q, k, v)
-        p = (scores - lse.unsqueeze(-1)).exp()  # (B, H, T, T)
-        qt, kt, vt, ot, dot = (x.transpose(1, 2).float() for x in (q, k, v, out, dout))
-        dv = p.transpose(-1, -2) @ dot
-        dp = dot @ vt.transpose(-1, -2)
-        ds = p * (dp - (dot * ot).sum(-1, keepdim=True)) / math.sqrt(q.size(-1))
-        dq, dk = ds @ kt, ds.transpose(-1, -2) @ qt
-        return tuple(x.transpose(1, 2).to(q.dtype) for x in (dq, dk, dv))
-
-    interface = types.ModuleType("flash_attn.cute.interface")
-    interface._flash_attn_bwd = _flash_attn_bwd
-    cute = types.ModuleType("flash_attn.cute")
-    cute.flash_attn_func, cute.interface = flash_attn_func, interface
-    package = types.ModuleType("flash_attn")
-    package.cute = cute
-    for name, module in (("flash_attn", package), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface)):
-        monkeypatch.setitem(sys.modules, name, module)
-    return calls
-
-
-@pytest.mark.parametrize("backend", [None, "aot_eager"])
-def test_fa4_operators_train_as_sdpa(flash_attn_stand_in, backend):
-    """--attention=fa4's custom operators, around a reference stand-in for the kernel: an SLA model (skip 1) gets
-    SDPA's loss and gradients, eagerly and compiled (their shape-only implementations traced), and selective
-    checkpointing saves the attention: one kernel call per layer forward and one backward, none recomputed."""
-    torch.manual_seed(0)
-    idx = torch.randint(256, (2, 17))
-    results = []
-    for attention in (None, bench.fa4_causal_attention):
-        torch.manual_seed(0)
-        model = bench.GPT(GPTConfig(block_size=32, vocab_size=256, sla=True, sla_skip=1, **bench.MODELS["tiny"]))
-        for block in model.transformer.h:
-            block.attn.causal_attention = attention
-        forward = model if backend is None else torch.compile(model, backend=backend)
-        _, loss = forward(idx[:, :-1], idx[:, 1:], return_logits=False)
-        loss.backward()
-        results.append((loss.item(), [p.grad for p in model.parameters()]))
-    (sdpa_loss, sdpa_grads), (fa4_loss, fa4_grads) = results
-    assert fa4_loss == pytest.approx(sdpa_loss, rel=1e-5)
-    for sdpa_grad, fa4_grad in zip(sdpa_grads, fa4_grads, strict=True):
-        torch.testing.assert_close(fa4_grad, sdpa_grad, rtol=1e-4, atol=1e-6)
-    assert flash_attn_stand_in == {"forward": 12, "backward": 12}  # 11 SLA layers of 12: none run twice
-
-    # a prompt (no mask) goes through it too; decoding's masked steps stay with SDPA
-    model.eval()
-    calls = flash_attn_stand_in["forward"]
-    with torch.no_grad():
-        model.generate(idx[:, :5], 3)
-    assert flash_attn_stand_in["forward"] == calls + 12

@@ -1,11 +1,17 @@
 """GPU-only checks (skipped without CUDA): SLA through the flash kernel in bf16 agrees with the float32 math path,
 forward and backward; static-cache decoding agrees with recomputation, and its step compiles to one CUDA graph;
-bench.py's FA4 attention agrees with SDPA's flash kernel where flash-attn-4 is installed."""
+where flash-attn-4 is installed (Hopper or Blackwell), FA4 attention (fa4.py) agrees with SDPA's flash kernel and
+train.py trains with it."""
+
+import math
 
 import pytest
 import torch
+from conftest import REPO, tiny_settings, write_byte_data
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import train
+from fa4 import fa4_causal_attention, use_fa4
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -180,19 +186,25 @@ def test_bench_peak_memory_counts_the_cuda_graph_pool():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_fa4_attention_matches_flash_sdpa_in_bf16(compiled):
-    """bench.py --attention=fa4 (FlashAttention-4's kernels as custom operators) against SDPA's flash kernel, SLA
-    skip 9, bf16, forward and backward, eager and compiled (skipped without the flash-attn-4 package)."""
+def fa4_or_skip():
+    """FA4's kernels, or a skip: they need the flash-attn-4 package and a Hopper or Blackwell GPU."""
     pytest.importorskip("flash_attn.cute", reason="needs the flash-attn-4 package")
-    from bench import fa4_causal_attention
+    if torch.cuda.get_device_capability()[0] not in (9, 10, 11):
+        pytest.skip("FA4 is tested on Hopper and Blackwell GPUs")
 
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("sla", [False, True])
+def test_fa4_attention_matches_flash_sdpa_in_bf16(sla, compiled):
+    """fa4.use_fa4 (FlashAttention-4's kernels as custom operators) against SDPA's flash kernel, plain and SLA skip 9,
+    bf16, forward and backward, eager and compiled."""
+    fa4_or_skip()
     idx = torch.randint(0, 50257, (2, 2049), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     losses, grads = [], []
-    for attention in (None, fa4_causal_attention):
-        model = small_sla_model().train()
-        for block in model.transformer.h:
-            block.attn.causal_attention = attention
+    for attention in ("sdpa", "fa4"):
+        model = small_sla_model(sla=sla).train()
+        if attention == "fa4":
+            use_fa4(model)
         forward = torch.compile(model) if compiled else model
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = forward(idx[:, :-1], idx[:, 1:], return_logits=False)
@@ -201,7 +213,39 @@ def test_fa4_attention_matches_flash_sdpa_in_bf16(compiled):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     relative_error = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
     print(
-        f"fa4 vs flash SDPA, bf16, compiled={compiled}: losses {losses}, gradients' relative error {relative_error:.2e}"
+        f"fa4 vs flash SDPA, bf16, sla={sla}, compiled={compiled}: losses {losses}, gradients' relative error "
+        f"{relative_error:.2e}"
     )
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
     assert relative_error < 5e-2
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_train_py_trains_with_fa4(tmp_path, monkeypatch, compiled):
+    """train.py --attention=fa4 on a tiny SLA model (head_dim 64, bf16): its model is routed through FA4, and its
+    training and validation losses follow an SDPA run of the same settings."""
+    fa4_or_skip()
+    # byte-level text that every checkout has: the repository's own sources
+    data_dir = write_byte_data(tmp_path / "data", [path.read_text() for path in sorted(REPO.glob("*.py"))])
+    routed = []  # the models train.py hands to use_fa4
+
+    def recording_use_fa4(model):
+        routed.append(model)
+        return use_fa4(model)
+
+    monkeypatch.setattr(train, "use_fa4", recording_use_fa4)
+    summaries = {}
+    for attention in ("sdpa", "fa4"):
+        settings = tiny_settings(
+            data_dir, tmp_path / attention, device="cuda", dtype="bfloat16", n_head=2, n_embd=128, sla=True,
+            sla_skip=1, compile=compiled, attention=attention,
+        )  # fmt: skip
+        summaries[attention] = train.main(train.TrainConfig(**settings))
+    (model,) = routed
+    assert all(block.attn.causal_attention is fa4_causal_attention for block in model.transformer.h)
+    sdpa, fa4 = summaries["sdpa"], summaries["fa4"]
+    print(f"compiled={compiled}: val losses sdpa {sdpa['val_losses']}, fa4 {fa4['val_losses']}")
+    assert fa4["iter_num"] == sdpa["iter_num"] == settings["max_iters"]
+    assert fa4["train_loss"] == pytest.approx(sdpa["train_loss"], rel=1e-2)
+    assert fa4["val_losses"][64] == pytest.approx(sdpa["val_losses"][64], rel=1e-2)
+    assert fa4["val_losses"][64] < math.log(257)  # it learnt: below a uniform guess over the byte vocabulary

@@ -44,6 +44,27 @@ def test_table_pairs_plain_with_sla_and_reports_the_difference(run_dirs, tmp_pat
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_logs_from_before_the_attention_key_pair_as_sdpa(run_dirs, tmp_path):
+    """train.py's config gained `attention` later; a log without it ran SDPA, and pairs with an sdpa run only."""
+
+    def log_with_config(variant, name, **changes):
+        records = [json.loads(line) for line in (run_dirs[variant] / "log.jsonl").read_text().splitlines()]
+        for record in records:
+            if "config" in record:
+                record["config"] = {key: value for key, value in record["config"].items() if key != "attention"}
+                record["config"].update(changes)
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+        return plot_results.read_run(str(path))
+
+    old_plain = log_with_config("plain", "old-plain")
+    assert "attention" not in old_plain["config"]
+    for attention, paired in (("sdpa", True), ("fa4", False)):
+        sla = log_with_config("sla", f"sla-{attention}", attention=attention)
+        pairs = plot_results.pair_runs([old_plain, sla])
+        assert pairs == ([(old_plain, sla)] if paired else [(old_plain, None), (None, sla)])
+
+
 def test_two_runs_of_the_same_variant_are_refused(run_dirs):
     with pytest.raises(SystemExit, match="both are plain"):
         plot_results.main([str(run_dirs["plain"]), str(run_dirs["plain"] / "log.jsonl")])

@@ -1,0 +1,258 @@
+"""fa4.py on the CPU, around a reference stand-in for FlashAttention-4's kernels: its custom operators train as SDPA
+(plain and SLA, eager and compiled), use_fa4 routes one model only, train.py --attention=fa4 and bench.py
+--attention=fa4 run through it, a run may switch attention on resume, sample.py and the scripts need no flash_attn,
+and the attention key's errors. The real kernels are checked against SDPA in tests/test_gpu.py."""
+
+import json
+import math
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from conftest import REPO, SUBPROCESS_ENV, tiny_settings
+
+import bench
+import sample
+import train
+from configurator import ConfigError, parse_config
+from fa4 import FA4_PACKAGE, check_fa4, fa4_causal_attention, use_fa4
+from model import GPT, CausalSelfAttention, GPTConfig
+from train import TrainConfig, TrainError, load_checkpoint, main
+
+
+def reference_attention(q, k, v):
+    """Causal attention of (B, T, H, D) inputs in float32: the output and each row's log-sum-exp (B, H, T)."""
+    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    lse = scores.logsumexp(-1)
+    return ((scores - lse.unsqueeze(-1)).exp() @ v).transpose(1, 2), lse, scores
+
+
+@pytest.fixture
+def flash_attn_stand_in(monkeypatch):
+    """flash_attn.cute's two functions that fa4.py calls, as FA4 4.0.0b36 defines them, computed in plain torch
+    (FlashAttention's backward formulas); the calls are counted."""
+    calls = {"forward": 0, "backward": 0}
+
+    def flash_attn_func(q, k, v, causal=False, return_lse=False):
+        assert causal and return_lse and q.shape == k.shape == v.shape
+        calls["forward"] += 1
+        out, lse, _ = reference_attention(q, k, v)
+        return out.to(q.dtype), lse
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False):
+        assert causal
+        calls["backward"] += 1
+        _, _, scores = reference_attention(q, k, v)
+        p = (scores - lse.unsqueeze(-1)).exp()  # (B, H, T, T)
+        qt, kt, vt, ot, dot = (x.transpose(1, 2).float() for x in (q, k, v, out, dout))
+        dv = p.transpose(-1, -2) @ dot
+        dp = dot @ vt.transpose(-1, -2)
+        ds = p * (dp - (dot * ot).sum(-1, keepdim=True)) / math.sqrt(q.size(-1))
+        dq, dk = ds @ kt, ds.transpose(-1, -2) @ qt
+        return tuple(x.transpose(1, 2).to(q.dtype) for x in (dq, dk, dv))
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_bwd = _flash_attn_bwd
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func, cute.interface = flash_attn_func, interface
+    package = types.ModuleType("flash_attn")
+    package.cute = cute
+    for name, module in (("flash_attn", package), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+@pytest.fixture
+def fa4_on_the_cpu(monkeypatch):
+    """train.py and bench.py accept attention=fa4 on the CPU, where the stand-in runs it."""
+    monkeypatch.setattr(train, "check_fa4", lambda device, dtype="auto": None)
+    monkeypatch.setattr(bench, "check_fa4", lambda device, dtype="auto": None)
+
+
+@pytest.mark.parametrize("sla", [False, True])
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_use_fa4_trains_as_sdpa(flash_attn_stand_in, sla, backend):
+    """A model after use_fa4 gets SDPA's loss and gradients through the custom operators, eagerly and compiled
+    (their shape-only implementations traced); with SLA (skip 1) selective checkpointing saves the attention: one
+    kernel call per layer forward and one backward, none recomputed. Other models keep SDPA."""
+    idx = torch.randint(256, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for attention in ("sdpa", "fa4"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=4, n_head=4, n_embd=64, sla=sla, sla_skip=1))
+        if attention == "fa4":
+            assert use_fa4(model) is model
+        forward = model if backend is None else torch.compile(model, backend=backend)
+        _, loss = forward(idx[:, :-1], idx[:, 1:], return_logits=False)
+        loss.backward()
+        results.append((loss.item(), [p.grad for p in model.parameters()]))
+    (sdpa_loss, sdpa_grads), (fa4_loss, fa4_grads) = results
+    assert fa4_loss == pytest.approx(sdpa_loss, rel=1e-5)
+    for sdpa_grad, fa4_grad in zip(sdpa_grads, fa4_grads, strict=True):
+        torch.testing.assert_close(fa4_grad, sdpa_grad, rtol=1e-4, atol=1e-6)
+    assert flash_attn_stand_in == {"forward": 4, "backward": 4}  # every layer, none run twice (3 of 4 are SLA's)
+
+    # set on that model's modules only: the class and a new model keep SDPA
+    assert CausalSelfAttention.causal_attention is None
+    assert all(block.attn.causal_attention is None for block in GPT(model.config).transformer.h)
+    assert all(block.attn.causal_attention is fa4_causal_attention for block in model.transformer.h)
+
+    # a prompt (no mask) goes through FA4 too; decoding's masked steps stay with SDPA
+    model.eval()
+    with torch.no_grad():
+        model.generate(idx[:, :5], 3)
+    assert flash_attn_stand_in == {"forward": 8, "backward": 4}
+
+
+def read_log(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def losses(out_dir) -> dict[tuple[int, str], float]:
+    """Every logged training and validation loss, by (iter, key)."""
+    return {
+        (line["iter"], key): value
+        for line in read_log(out_dir)
+        for key, value in line.items()
+        if key == "train/loss" or key.startswith("val/loss")
+    }
+
+
+def assert_same_losses(got: dict, expected: dict):
+    assert got.keys() == expected.keys() and len(expected) > 0
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_train_py_trains_through_fa4(flash_attn_stand_in, fa4_on_the_cpu, byte_data, tmp_path):
+    """attention=fa4 routes training and evaluation through the operators, to SDPA's losses; sdpa never calls them."""
+    settings = tiny_settings(byte_data, tmp_path, sla=True, sla_skip=1, max_iters=4, eval_interval=2)
+    main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "sdpa")}))  # attention left at its default
+    assert flash_attn_stand_in == {"forward": 0, "backward": 0}
+    assert [line["config"]["attention"] for line in read_log(tmp_path / "sdpa") if "config" in line] == ["sdpa"]
+    main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "fa4"), "attention": "fa4"}))
+
+    n_layer, micro_steps = settings["n_layer"], settings["max_iters"] * settings["gradient_accumulation_steps"]
+    # evaluations at iters 0, 2, 4: eval_iters batches of batch_size windows at T = block_size
+    eval_forwards = 3 * settings["eval_iters"]
+    assert flash_attn_stand_in == {
+        "forward": n_layer * (micro_steps + eval_forwards),
+        "backward": n_layer * micro_steps,  # the SLA layer's attention is saved for backward, not run again
+    }
+    assert_same_losses(losses(tmp_path / "fa4"), losses(tmp_path / "sdpa"))
+    assert [line["config"]["attention"] for line in read_log(tmp_path / "fa4") if "config" in line] == ["fa4"]
+    assert load_checkpoint(str(tmp_path / "fa4"))["config"]["attention"] == "fa4"
+
+
+def test_resume_may_switch_attention(flash_attn_stand_in, fa4_on_the_cpu, byte_data, tmp_path, monkeypatch, capsys):
+    """Attention changes kernels, not the math: a resumed run may switch it (no 'no longer an exact continuation'
+    note) and continues to the uninterrupted run's losses. An fa4 checkpoint where FA4 cannot run is an error that
+    names the fix, and sample.py reads it without flash_attn."""
+    reference = tiny_settings(byte_data, tmp_path / "reference", max_iters=6, eval_interval=3)
+    main(TrainConfig(**reference))
+    resume_keys = {"out_dir", "init_from", "max_iters", "attention"}  # as `--attention=...` on the command line
+    for first, then in (("fa4", "sdpa"), ("sdpa", "fa4")):
+        out_dir = tmp_path / f"{first}-then-{then}"
+        interrupted = {**reference, "out_dir": str(out_dir), "max_iters": 3}
+        main(TrainConfig(**interrupted, attention=first))
+        if first == "fa4":
+            with monkeypatch.context() as real:
+                real.setattr(train, "check_fa4", check_fa4)  # the real check: FA4 cannot run on the saved cpu
+                resume = TrainConfig(**{**interrupted, "init_from": "resume", "max_iters": 6})
+                with pytest.raises(TrainError, match=r"attention: fa4 runs on CUDA GPUs .* use --attention=sdpa"):
+                    main(resume, explicit_keys={"out_dir", "init_from", "max_iters"})
+                real.setitem(sys.modules, "flash_attn", None)  # sampling needs no flash_attn
+                samples = sample.main(
+                    sample.SampleConfig(out_dir=str(out_dir), device="cpu", num_samples=2, max_new_tokens=8)
+                )
+                assert len(samples) == 2
+        capsys.readouterr()
+        resume = TrainConfig(**{**interrupted, "init_from": "resume", "max_iters": 6, "attention": then})
+        main(resume, explicit_keys=resume_keys)
+        assert "no longer an exact continuation" not in capsys.readouterr().out
+        assert_same_losses(losses(out_dir), losses(tmp_path / "reference"))
+        assert [line["config"]["attention"] for line in read_log(out_dir) if "config" in line] == [first, then]
+    assert flash_attn_stand_in["backward"] == 2 * (2 * 3 * 2)  # each direction: 2 layers, 3 steps of 2 micro-steps
+
+
+def test_bench_routes_our_models_through_fa4(flash_attn_stand_in, fa4_on_the_cpu):
+    """bench.py --attention=fa4 measures our models through the operators, to SDPA's losses."""
+    settings = dict(shapes=("tiny:16:1",), sla_skips=(1,), device="cpu", warmup_steps=1, rounds=1, block_steps=1,
+                    vocab_size=256, decode_tokens=0)  # fmt: skip
+    sdpa_rows = bench.main(bench.BenchConfig(**settings))
+    assert flash_attn_stand_in["forward"] == 0
+    fa4_rows = bench.main(bench.BenchConfig(**settings, attention="fa4"))
+    assert flash_attn_stand_in["backward"] == 2 * 2 * 12  # plain and SLA, 2 steps each, 12 layers
+    for sdpa_row, fa4_row in zip(sdpa_rows, fa4_rows, strict=True):
+        assert fa4_row["attention"] == "fa4" and fa4_row["model"] == sdpa_row["model"]
+        assert fa4_row["first_loss"] == pytest.approx(sdpa_row["first_loss"], rel=1e-5)
+        assert fa4_row["loss"] == pytest.approx(sdpa_row["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--attention=flex"], "attention must be one of sdpa, fa4, got 'flex'"),
+        (
+            ["--attention=fa4", "--device=cpu"],
+            "attention: fa4 runs on CUDA GPUs (Hopper or Blackwell) only, not on 'cpu'; use --attention=sdpa",
+        ),
+        (
+            ["--attention=fa4", "--device=cpu", "--dropout=0.1"],
+            "attention: fa4 has no attention dropout, but dropout=0.1: set --dropout=0, or use --attention=sdpa",
+        ),
+        (
+            ["--attention=fa4", "--device=cuda", "--dtype=float32"],
+            "attention: fa4 runs in bfloat16 or float16 only, not with dtype=float32; use --dtype=auto (or bfloat16), "
+            "or --attention=sdpa",
+        ),
+        (
+            ["--attention=fa4", "--device=cuda"],
+            f"attention: fa4 needs the {FA4_PACKAGE} package (pip install {FA4_PACKAGE}), or use --attention=sdpa: ",
+        ),
+    ],
+)
+def test_attention_errors_name_the_key_and_the_fix(monkeypatch, argv, message):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed, also on a machine where it is
+    with pytest.raises(ConfigError) as error:
+        parse_config(TrainConfig, argv)
+    assert str(error.value).startswith(message)
+
+
+def test_missing_cutlass_points_at_the_dsl_packages_folder(tmp_path, monkeypatch):
+    """flash-attn-4 installed with pip --target on PYTHONPATH: flash_attn imports, cutlass does not, because
+    nvidia_cutlass_dsl adds it to sys.path with a .pth file that PYTHONPATH does not read."""
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("import cutlass\n")
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.delitem(sys.modules, name, raising=False)  # put back afterwards where flash_attn is installed
+    monkeypatch.setitem(sys.modules, "cutlass", None)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ValueError, match=r"add <target>/nvidia_cutlass_dsl/dsl_packages to PYTHONPATH"):
+            check_fa4("cuda", "bfloat16")
+    finally:
+        for name in ("flash_attn", "flash_attn.cute"):
+            sys.modules.pop(name, None)
+
+
+def test_scripts_import_and_refuse_fa4_without_flash_attn():
+    """Importing fa4.py, train.py, bench.py and sample.py imports no flash_attn (the operators register without it);
+    train.py --attention=fa4 then exits 2 naming the package."""
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['flash_attn'] = None  # an import of it raises, as if not installed\n"
+        "import fa4, bench, sample, train, torch\n"
+        "assert torch.ops.sla_gpt.fa4_forward is not None\n"
+        "sys.argv = ['train.py', '--attention=fa4', '--device=cuda']\n"
+        "runpy.run_path('train.py', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: attention: fa4 needs the {FA4_PACKAGE} package"), result.stderr[-3000:]
