@@ -252,6 +252,10 @@ MUTATIONS = [
     Mutation("resume_attention_changes_the_run", "train.py", "a resume that switches attention is called inexact",
              '"max_iters", "compile", "attention",', '"max_iters", "compile",',
              ("tests/test_fa4.py::test_resume_may_switch_attention",)),
+    # ---- decoding
+    Mutation("decode_freeze_ignored", "model.py", "compile_decode_step(freeze_weights=True) compiles without freezing",
+             "inductor_config.freezing, freeze_weights", "inductor_config.freezing, False",
+             ("tests/test_decode.py::test_frozen_decode_step_gives_the_same_tokens_and_keeps_the_weights_it_compiled_with",)),
     Mutation("bench_data_ignored", "bench.py", "bench.py --data is ignored: always synthetic batches",
              'if config.data == "synthetic":\n        # Step time', "if True:\n        # Step time",
              ("tests/test_bench.py::test_real_data_folder",)),
