@@ -54,7 +54,7 @@ from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import autocast_context, check_device, check_dtype, parse_cli, resolve_device, resolve_dtype
-from fa4 import ATTENTIONS, check_fa4, use_fa4
+from fa4 import check_attention, use_fa4
 from model import GPT, GPTConfig
 from train import load_meta, open_tokens, windows_to_tensor
 
@@ -192,10 +192,7 @@ class BenchConfig:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"compile_mode: {self.compile_mode!r} applies to compiled models: add --compile")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
-        if self.attention == "fa4":
-            check_fa4(resolve_device(self.device), self.dtype)
+        check_attention(self.attention, resolve_device(self.device), self.dtype)
         check_device(self.device)  # after fa4's check, whose message says more about a missing GPU
         if self.peer and not (Path(self.peer) / "model.py").is_file():
             raise ValueError(f"peer: {Path(self.peer) / 'model.py'} not found (give the folder of nanoGPT's model.py)")
@@ -572,8 +569,9 @@ def is_out_of_memory(err: RuntimeError) -> bool:
 def warm_up(contender: Contender, config: BenchConfig, device: str):
     """Build the model and run its warm-up steps; its first step's time (compilation included) and loss."""
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-    allocated_before = torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
+    allocated_before = 0
     if device.startswith("cuda"):
+        allocated_before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     with contender.context():
         contender.model, contender.train_step = contender.build()

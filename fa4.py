@@ -22,6 +22,19 @@ ATTENTIONS = ("sdpa", "fa4")  # the values of train.py's and bench.py's attentio
 FA4_PACKAGE = "flash-attn-4==4.0.0b36"  # the version whose API fa4_forward and fa4_backward were written against
 
 
+def check_attention(attention: str, device: str, dtype: str = "auto", dropout: float = 0.0):
+    """A config's attention key: one of ATTENTIONS, and for fa4 what check_fa4 needs and no dropout; a ValueError."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if attention == "fa4":
+        if dropout > 0:  # refused, not ignored: the run would train without the dropout it asks for
+            raise ValueError(
+                f"attention: fa4 has no attention dropout, but dropout={dropout}: set --dropout=0, or use "
+                f"--attention=sdpa"
+            )
+        check_fa4(device, dtype)
+
+
 def check_fa4(device: str, dtype: str = "auto"):
     """attention=fa4 needs a CUDA device, a 16-bit dtype and flash_attn.cute; a ValueError saying which is missing.
     device is resolved ('auto' already made 'cuda' or 'cpu'); dtype is a config's ('auto' is 16-bit on CUDA)."""

@@ -50,7 +50,7 @@ from configurator import (
     resolve_device,
     resolve_dtype,
 )
-from fa4 import ATTENTIONS, check_fa4, use_fa4
+from fa4 import check_attention, use_fa4
 from model import GPT, GPTConfig
 
 
@@ -128,15 +128,7 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         check_dtype(self.dtype)
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
-        if self.attention == "fa4":
-            if self.dropout > 0:  # refused, not ignored: the run would train without the dropout it asks for
-                raise ValueError(
-                    f"attention: fa4 has no attention dropout, but dropout={self.dropout}: set --dropout=0, or use "
-                    f"--attention=sdpa"
-                )
-            check_fa4(resolve_device(self.device), self.dtype)
+        check_attention(self.attention, resolve_device(self.device), self.dtype, self.dropout)
         check_device(self.device)  # after fa4's check, whose message says more about a missing GPU
 
 

@@ -14,8 +14,8 @@ import torch
 from conftest import REPO, SUBPROCESS_ENV, tiny_settings
 
 import bench
+import fa4
 import sample
-import train
 from configurator import ConfigError, parse_config
 from fa4 import FA4_PACKAGE, check_fa4, fa4_causal_attention, use_fa4
 from model import GPT, CausalSelfAttention, GPTConfig
@@ -70,8 +70,7 @@ def flash_attn_stand_in(monkeypatch):
 @pytest.fixture
 def fa4_on_the_cpu(monkeypatch):
     """train.py and bench.py accept attention=fa4 on the CPU, where the stand-in runs it."""
-    monkeypatch.setattr(train, "check_fa4", lambda device, dtype="auto": None)
-    monkeypatch.setattr(bench, "check_fa4", lambda device, dtype="auto": None)
+    monkeypatch.setattr(fa4, "check_fa4", lambda device, dtype="auto": None)  # fa4.check_attention calls it
 
 
 @pytest.mark.parametrize("sla", [False, True])
@@ -162,7 +161,7 @@ def test_resume_may_switch_attention(flash_attn_stand_in, fa4_on_the_cpu, byte_d
         main(TrainConfig(**interrupted, attention=first))
         if first == "fa4":
             with monkeypatch.context() as real:
-                real.setattr(train, "check_fa4", check_fa4)  # the real check: FA4 cannot run on the saved cpu
+                real.setattr(fa4, "check_fa4", check_fa4)  # the real check: FA4 cannot run on the saved cpu
                 resume = TrainConfig(**{**interrupted, "init_from": "resume", "max_iters": 6})
                 with pytest.raises(TrainError, match=r"attention: fa4 runs on CUDA GPUs .* use --attention=sdpa"):
                     main(resume, explicit_keys={"out_dir", "init_from", "max_iters"})
