@@ -452,10 +452,12 @@ class GPT(nn.Module):
 
         def decode_token(idx, input_pos, kv_cache, temperature, top_k=None, noise=None):
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up: their memory is free
+            if not freeze_weights:
+                return compiled(idx, input_pos, kv_cache, temperature, top_k, noise)
             # Tracing reads the global flag (the option alone reaches inductor too late to make the weights
             # constants), and setting it for good would freeze every no-grad compile, train.py's evaluation too.
             # Not a guard: a step traced with it keeps running as traced once it is off again.
-            was_freezing, inductor_config.freezing = inductor_config.freezing, freeze_weights
+            was_freezing, inductor_config.freezing = inductor_config.freezing, True
             try:
                 return compiled(idx, input_pos, kv_cache, temperature, top_k, noise)
             finally:
