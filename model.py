@@ -81,8 +81,9 @@ class CausalSelfAttention(nn.Module):
     # SLA layers rebuild their mixed K/V in backward rather than keep them (see forward); False keeps them: faster
     # by a copy per SLA layer, 2*B*T*C values more memory each. bench.py --sla_recompute_kv=False measures it.
     recompute_mixed_kv = True
-    # A function (q, k, v) -> causal attention in attend()'s layout, used in place of SDPA where attend() has no mask
-    # (training, prefill); None: SDPA. --attention=fa4 (train.py, bench.py) sets it per model with fa4.use_fa4.
+    # A function (q, k, v, qkv) -> causal attention in attend()'s layout, used in place of SDPA where attend() has no
+    # mask (training, prefill); None: SDPA. qkv is None or the tensor q, k and v are views of, whose gradient a kernel
+    # can then write whole. --attention=fa4 (train.py, bench.py) sets it per model with fa4.use_fa4.
     causal_attention = None
 
     def __init__(self, config: GPTConfig, layer: int):
@@ -105,12 +106,13 @@ class CausalSelfAttention(nn.Module):
         attended to, the only K/V a later layer may read: heads borrowed here are never passed on.
         """
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(dim=2)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.unbind(dim=2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, input_pos)
         own_kv = (k, v)
         if self.n_skip_heads == 0:
-            y = self.attend(q, k, v, attn_mask)
+            y = self.attend(q, k, v, attn_mask, qkv if kv_cache is None else None)
         elif torch.is_grad_enabled() and self.recompute_mixed_kv:
             # The mixed K/V are new tensors that SDPA would keep for backward: 2*B*T*C values more per SLA layer
             # than a plain layer holds. Keep only SDPA's outputs and rebuild the mix (a copy, no matmul) in backward.
@@ -131,13 +133,14 @@ class CausalSelfAttention(nn.Module):
         v = torch.cat([skip_v[:, :, : self.n_skip_heads], v[:, :, own:]], dim=2)
         return self.attend(q, k, v, attn_mask)
 
-    def attend(self, q, k, v, attn_mask=None):
+    def attend(self, q, k, v, attn_mask=None, qkv=None):
         """
         Attention of q (B, T, n_head, head_dim) over k, v (B, T_kv, n_head, head_dim): causal (T_kv = T) without
-        attn_mask, else to the positions where attn_mask (T, T_kv) is True.
+        attn_mask, else to the positions where attn_mask (T, T_kv) is True. qkv: the one tensor q, k and v are views
+        of, (B, T, 3, n_head, head_dim), where they are (a plain layer's c_attn output), for causal_attention.
         """
         if attn_mask is None and self.causal_attention is not None:
-            return self.causal_attention(q, k, v)
+            return self.causal_attention(q, k, v, qkv)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -474,6 +477,7 @@ class GPT(nn.Module):
         """
         batch_size, prompt_length = idx.size()
         block_size, vocab_size = self.config.block_size, self.lm_head.weight.size(0)
+        temperature = float(temperature)  # a compiled step is specialised on its type too: 1 would recompile after 1.0
         kv_cache = self.kv_cache_for(idx)
         tokens = torch.empty((batch_size, prompt_length + max_new_tokens), dtype=idx.dtype, device=idx.device)
         tokens[:, :prompt_length] = idx

@@ -286,7 +286,7 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
         (["--attention=fa4", "--device=cuda"], "attention: fa4 needs the flash-attn-4==4.0.0b36 package"),
         (["--device=cuda:x"], "device must be auto, cpu, cuda or cuda:N"),
         (["--decode_repeats=0"], "decode_repeats must be >= 1, got 0"),
-        (["--decode_freeze_weights"], "decode_freeze_weights: freezes the weights into the compiled decode step"),
+        (["--decode_freeze_weights=True"], "decode_freeze_weights: freezes the weights into the compiled decode step"),
         (["--decode_profile", "--decode_tokens=0"], "decode_profile: profiles decoding, which decode_tokens=0 skips"),
     ],
 )
@@ -448,3 +448,9 @@ def test_compiled_levers():
     assert row["error"] is None and row["compile"] is True and row["compile_optimizer"] is True
     assert row["compile_mode"] == "max-autotune-no-cudagraphs" and row["timed_steps"] == 2
     assert row["first_loss"] == pytest.approx(math.log(256), abs=0.1) and row["loss"] < row["first_loss"]
+
+
+def test_decode_freezes_the_weights_when_compiled_unless_told_not_to():
+    assert BenchConfig(compile=True).decode_freeze_weights is True
+    assert BenchConfig(compile=True, decode_freeze_weights=False).decode_freeze_weights is False
+    assert BenchConfig().decode_freeze_weights is False  # eager: nothing to freeze into

@@ -166,6 +166,7 @@ def test_compiled_decode_step_is_one_graph_per_sampling_for_every_prompt_and_giv
     model.compile_decode_step(backend=counting_backend)  # fullgraph: a graph break would raise
     for n, prompt in prompts.items():  # prompt lengths, and sequences that outgrow block_size
         assert torch.equal(model.generate(prompt, 30, temperature=0), greedy[n])
+    assert torch.equal(model.generate(prompts[5], 30, temperature=0.0), greedy[5])  # 0.0 is 0: the same graph
     assert len(graphs) == 1
     for n, prompt in prompts.items():  # sampling runs inside the graph; the random numbers come from outside
         for sampling in SAMPLING[1:]:

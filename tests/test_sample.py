@@ -60,7 +60,16 @@ def test_samples_continue_the_prompt_and_the_seed_decides_them(tmp_path, capsys)
     assert "tokens/s" in printed.err and "eager decode step" in printed.err  # statistics go to stderr
 
 
-def test_compiled_decode_step_gives_the_same_samples_and_reports_compilation_apart(tmp_path, capsys):
+def test_compiled_decode_step_gives_the_same_samples_and_reports_compilation_apart(tmp_path, capsys, monkeypatch):
+    """--compile freezes the weights into the decode step unless --freeze_weights=False; the same samples either way."""
+    frozen = []  # freeze_weights of each compile_decode_step call
+    compile_decode_step = GPT.compile_decode_step
+
+    def recording(model, *args, freeze_weights=False, **kwargs):
+        frozen.append(freeze_weights)
+        return compile_decode_step(model, *args, freeze_weights=freeze_weights, **kwargs)
+
+    monkeypatch.setattr(GPT, "compile_decode_step", recording)
     out_dir = save_checkpoint(tmp_path / "run", block_size=64)
     eager = sample.main(config(out_dir, start="Hello", seed=1, max_new_tokens=40))
     capsys.readouterr()
@@ -69,6 +78,9 @@ def test_compiled_decode_step_gives_the_same_samples_and_reports_compilation_apa
     assert re.search(r"decode step compiled in \d+\.\d s \(once per process\)", printed.err)
     assert re.search(r"80 tokens in \d+\.\d\d s: [\d.]+ tokens/s.*compiled decode step", printed.err)
     assert printed.out.count("Hello") == 2 and "tokens/s" not in printed.out
+    unfrozen = config(out_dir, start="Hello", seed=1, max_new_tokens=40, compile=True, freeze_weights=False)
+    assert sample.main(unfrozen) == eager
+    assert frozen == [True, False]
 
 
 def test_padding_ids_are_never_sampled(tmp_path):
@@ -175,7 +187,7 @@ def test_checkpoint_trained_by_train_py(tmp_path):
         (["--temperature=-1"], "temperature must be 0 (greedy) or >= 1e-06"),
         (["--temperature=nan"], "temperature must be 0 (greedy) or >= 1e-06"),
         (["--device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
-        (["--freeze_weights"], "freeze_weights: freezes the weights into the compiled decode step: add --compile"),
+        (["--freeze_weights=True"], "freeze_weights: freezes the weights into the compiled decode step: add --compile"),
     ],
 )
 def test_bad_values_are_config_errors(argv, message):
@@ -206,3 +218,9 @@ def test_damaged_checkpoint_is_one_error_line(tmp_path):
         f"or train again (not a complete torch.save archive)\n"
     )
     assert result.stdout == ""
+
+
+def test_freeze_weights_follows_compile_unless_given(tmp_path):
+    assert config(tmp_path, compile=True).freeze_weights is True
+    assert config(tmp_path, compile=True, freeze_weights=False).freeze_weights is False
+    assert config(tmp_path).freeze_weights is False
