@@ -80,9 +80,9 @@ CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # compile modes that run
 ROW_FIELDS = (
     # what was measured
     "gpu", "torch", "shape", "size", "model", "block_size", "batch_size", "sla", "sla_skip", "sla_head_ratio",
-    "n_skip_heads", "sla_recompute_kv", "compile", "compile_mode", "compile_optimizer", "attention", "dtype",
-    "sdpa_backend", "loss_impl", "data", "vocab_size", "bias", "round_robin", "warmup_steps", "rounds",
-    "block_steps", "n_params",
+    "n_skip_heads", "sla_recompute_kv", "sla_skip_unread_kv", "compile", "compile_mode", "compile_optimizer",
+    "attention", "dtype", "sdpa_backend", "loss_impl", "data", "vocab_size", "bias", "round_robin", "warmup_steps",
+    "rounds", "block_steps", "n_params",
     # training steps
     "ms_per_step", "ms_per_step_mean", "ms_per_step_min", "ms_per_step_max", "timed_steps", "first_step_s",
     "tokens_per_s", "mfu", "peak_mem_gib", "step_mem_gib", "first_loss", "loss",
@@ -133,6 +133,7 @@ class BenchConfig:
     sla_skips: tuple[int, ...] = (9, 1)  # one SLA model per skip distance; () measures the plain model alone
     sla_head_ratio: float = 0.75
     sla_recompute_kv: bool = True  # False: SLA layers keep their mixed K/V for backward (more memory, less copying)
+    sla_skip_unread_kv: bool = True  # False: SLA layers compute the K/V that nobody reads, as before, to measure it
     peer: str = ""  # a folder holding nanoGPT's model.py: its GPT is measured beside ours; '' measures ours alone
     compile: bool = False  # torch.compile every model
     # levers, for our models only (nanoGPT runs as published):
@@ -493,6 +494,7 @@ def build_ours(config: BenchConfig, shape: Shape, sla_skip: int | None, device: 
     model = GPT(model_config).to(device)
     for block in model.transformer.h:  # this model only: the class-wide defaults stay as they are
         block.attn.recompute_mixed_kv = config.sla_recompute_kv
+        block.attn.skip_unread_kv = config.sla_skip_unread_kv
     if config.attention == "fa4":
         use_fa4(model)  # this model only, too
     optimizer = model.configure_optimizers(
@@ -789,7 +791,7 @@ def main(config: BenchConfig) -> list[dict]:
                 row |= {
                     "sla": True, "sla_skip": sla_skip, "sla_head_ratio": config.sla_head_ratio,
                     "n_skip_heads": round(config.sla_head_ratio * MODELS[shape.size]["n_head"]),
-                    "sla_recompute_kv": config.sla_recompute_kv,
+                    "sla_recompute_kv": config.sla_recompute_kv, "sla_skip_unread_kv": config.sla_skip_unread_kv,
                 }  # fmt: skip
             return Contender(row, lambda: build_ours(config, shape, sla_skip, device, autocast), ours_context)
 

@@ -3,8 +3,9 @@ GPT-2 with Skip-Layer Attention (SLA), in one file that reads top to bottom as t
 
 SLA: in layer l >= sla_skip, the first n_skip heads attend with layer l's queries over the keys and values that
 layer l - sla_skip computed with its own c_attn (not what that layer itself borrowed). Every other head, and
-every head of the first sla_skip layers, is plain causal self-attention. SLA adds no parameters and no matmuls:
-each layer still computes K and V for all heads, so GPT-2 checkpoints load unchanged.
+every head of the first sla_skip layers, is plain causal self-attention. SLA adds no parameters and no matmuls,
+so GPT-2 checkpoints load unchanged; it saves a few: the own K/V of skip heads that no later layer reads (in the last
+sla_skip SLA layers) are not computed.
 
     layer l-s  heads: [ 0 .. n_skip-1 | n_skip .. n_head-1 ]  -- own K/V -------------+
     layer l    heads: [ 0 .. n_skip-1 | n_skip .. n_head-1 ]                          |
@@ -81,6 +82,10 @@ class CausalSelfAttention(nn.Module):
     # SLA layers rebuild their mixed K/V in backward rather than keep them (see forward); False keeps them: faster
     # by a copy per SLA layer, 2*B*T*C values more memory each. bench.py --sla_recompute_kv=False measures it.
     recompute_mixed_kv = True
+    # Layers whose own K/V of some heads nobody reads (GPTConfig.first_cached_head) run c_attn's matmul without those
+    # K/V rows of its weight: less work in training and decoding, the same parameters. False computes them as
+    # before; bench.py --sla_skip_unread_kv=False measures the difference.
+    skip_unread_kv = True
     # A function (q, k, v, qkv) -> causal attention in attend()'s layout, used in place of SDPA where attend() has no
     # mask (training, prefill); None: SDPA. qkv is None or the tensor q, k and v are views of, whose gradient a kernel
     # can then write whole. --attention=fa4 (train.py, bench.py) sets it per model with fa4.use_fa4.
@@ -92,6 +97,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.n_skip_heads = config.n_skip_heads if config.skip_source(layer) is not None else 0
+        self.first_read_head = config.first_cached_head(layer)  # own K/V of heads below it: nobody reads them
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q | k | v, heads contiguous
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -103,11 +109,11 @@ class CausalSelfAttention(nn.Module):
         kv_cache: a KVCache this layer writes its own K/V of x's tokens into, at input_pos (T,) or, without it,
         at 0 .. T-1. With input_pos, x continues the cached tokens: attention runs over the whole cache, where
         attn_mask (T, block_size) is True. Returns the attention output and this layer's own (k, v) over what it
-        attended to, the only K/V a later layer may read: heads borrowed here are never passed on.
+        attended to (of the heads from first_read_head on), the only K/V a later layer may read: heads borrowed here
+        are never passed on.
         """
         B, T, C = x.size()
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
-        q, k, v = qkv.unbind(dim=2)
+        q, k, v, qkv = self.project_qkv(x)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, input_pos)
         own_kv = (k, v)
@@ -123,10 +129,29 @@ class CausalSelfAttention(nn.Module):
             y = self.attend_mixed(q, k, v, *skip_kv, attn_mask)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C))), own_kv
 
+    def project_qkv(self, x):
+        """
+        q (B, T, n_head, head_dim) and this layer's own k, v (B, T, heads, head_dim) of the heads some layer reads,
+        first_read_head .. n_head-1 (all heads with skip_unread_kv off): c_attn without the rows of the others. Then
+        qkv, the (B, T, 3, n_head, head_dim) tensor q, k and v are views of, or None where rows were left out.
+        """
+        B, T, C = x.size()
+        first = self.first_read_head if self.skip_unread_kv else 0
+        if first == 0:
+            qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
+            return *qkv.unbind(dim=2), qkv
+        rows = (slice(0, C), slice(C + first * self.head_dim, 2 * C), slice(2 * C + first * self.head_dim, 3 * C))
+        weight, bias = self.c_attn.weight, self.c_attn.bias
+        weight = torch.cat([weight[r] for r in rows])
+        bias = None if bias is None else torch.cat([bias[r] for r in rows])
+        q, kv = F.linear(x, weight, bias).split([C, 2 * (C - first * self.head_dim)], dim=-1)
+        k, v = kv.view(B, T, 2, self.n_head - first, self.head_dim).unbind(dim=2)
+        return q.view(B, T, self.n_head, self.head_dim), k, v, None
+
     def attend_mixed(self, q, k, v, skip_k, skip_v, attn_mask=None):
         """
         Skip heads take layer l - sla_skip's K/V, the rest their own; one tensor each, so one SDPA call. k and v end
-        with this layer's own heads n_skip_heads ..; a KV cache holds no others where no later layer reads them.
+        with this layer's own heads n_skip_heads ..; the others come first, unless nobody reads them (project_qkv).
         """
         own = k.size(2) - (self.n_head - self.n_skip_heads)  # where the own heads start in k and v
         k = torch.cat([skip_k[:, :, : self.n_skip_heads], k[:, :, own:]], dim=2)
@@ -197,9 +222,8 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype: torch.dtype):
-        self.first_head = [config.first_cached_head(layer) for layer in range(config.n_layer)]
         self.keys, self.values = [], []
-        for first in self.first_head:
+        for first in (config.first_cached_head(layer) for layer in range(config.n_layer)):
             shape = (batch_size, config.block_size, config.n_head - first, config.n_embd // config.n_head)
             for buffers in (self.keys, self.values):
                 # zeros: attention weighs positions not yet written by exactly 0, and 0 * NaN would be NaN
@@ -218,10 +242,11 @@ class KVCache:
 
     def update(self, layer: int, k, v, input_pos=None):
         """
-        Write layer's own k, v (B, T, n_head, head_dim) at positions input_pos (T,), or 0 .. T-1 without it. Returns
-        the K/V to attend over: without input_pos (a prompt) k and v themselves, else the layer's whole buffers.
+        Write layer's own k, v (B, T, heads, head_dim) at positions input_pos (T,), or 0 .. T-1 without it: their
+        last heads, as many as the buffers hold (k and v may hold all n_head, or only those). Returns the K/V to
+        attend over: without input_pos (a prompt) k and v themselves, else the layer's whole buffers.
         """
-        first = self.first_head[layer]
+        first = k.size(2) - self.keys[layer].size(2)
         positions = torch.arange(k.size(1), device=k.device) if input_pos is None else input_pos
         self.keys[layer].index_copy_(1, positions, k[:, :, first:])
         self.values[layer].index_copy_(1, positions, v[:, :, first:])
@@ -380,7 +405,8 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward): 6N for the weights plus 12·L·C·T for attention
-        scores and values (counted in full, as the PaLM paper and nanoGPT do, though causal masking halves it)."""
+        scores and values (counted in full, as the PaLM paper and nanoGPT do, though causal masking halves it).
+        N counts all of c_attn, also the K/V rows that SLA layers leave out (CausalSelfAttention.skip_unread_kv)."""
         cfg = self.config
         return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size)
 

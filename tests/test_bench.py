@@ -16,7 +16,7 @@ import torch
 import bench
 from bench import DECODE_ROW_FIELDS, ROW_FIELDS, BenchConfig
 from configurator import ConfigError, parse_config
-from model import GPTConfig
+from model import CausalSelfAttention, GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 PEER = REPO.parent / "shared" / "peers" / "nanogpt"  # nanoGPT's model.py, read in place
@@ -67,6 +67,7 @@ def test_two_shapes_plain_then_each_sla_skip(tmp_path, capsys):
         model_config = GPTConfig(**bench.MODELS["tiny"], sla=row["sla"], sla_skip=row["sla_skip"] or 9)
         assert row["kv_cache_bytes_per_token"] == model_config.kv_cache_bytes_per_token(torch.float32)
         assert row["n_skip_heads"] == (3 if row["sla"] else 0)  # round(0.75 * 4 heads)
+        assert row["sla_recompute_kv"] is row["sla_skip_unread_kv"] is (True if row["sla"] else None)
         if row["sla"]:
             assert row["sla_head_ratio"] == 0.75
             assert row["ratio_step_time"] > 0 and row["ratio_decode_tokens_per_s"] > 0
@@ -98,6 +99,28 @@ def test_rows_are_appended_one_model_at_a_time_too(tmp_path):
     assert all(row["sdpa_backend"] == "math" and row["round_robin"] is False for row in rows)
     assert all(row["timed_steps"] == 2 and row["ms_per_step"] > 0 for row in rows)
     assert all(row["decode_tokens_per_s"] is None and row["ratio_decode_tokens_per_s"] is None for row in rows)
+
+
+def test_sla_kv_levers_reach_each_attention_layer_and_the_rows(monkeypatch):
+    """--sla_recompute_kv=False and --sla_skip_unread_kv=False set the attention modules of the models measured, not
+    the class-wide defaults, and the SLA row says so."""
+    build_ours, levers = bench.build_ours, []
+
+    def recording_build_ours(*args):
+        model, step = build_ours(*args)
+        levers.extend({(block.attn.recompute_mixed_kv, block.attn.skip_unread_kv) for block in model.transformer.h})
+        return model, step
+
+    monkeypatch.setattr(bench, "build_ours", recording_build_ours)
+    config = BenchConfig(
+        shapes=("tiny:16:1",), sla_skips=(1,), sla_recompute_kv=False, sla_skip_unread_kv=False,
+        **{**FAST, "decode_tokens": 0},
+    )  # fmt: skip
+    plain, sla = bench.main(config)
+    assert levers == [(False, False), (False, False)]  # plain's layers, then SLA's
+    assert CausalSelfAttention.recompute_mixed_kv is CausalSelfAttention.skip_unread_kv is True
+    assert plain["sla_recompute_kv"] is plain["sla_skip_unread_kv"] is None
+    assert sla["sla_recompute_kv"] is sla["sla_skip_unread_kv"] is False
 
 
 def test_decode_rows(tmp_path):

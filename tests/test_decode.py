@@ -176,6 +176,32 @@ def test_compiled_decode_step_is_one_graph_per_sampling_for_every_prompt_and_giv
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("model_args", [dict(sla=True, sla_skip=1), dict(sla=True, sla_skip=2, sla_head_ratio=0.5)])
+def test_decoding_without_the_unread_kv_gives_the_same_tokens_with_less_work(model_args):
+    """Prefill and decode steps leave out the K/V nobody reads (CausalSelfAttention.skip_unread_kv): the same greedy
+    tokens as computing them, eager and compiled, and a decode step with that much less matmul work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_model(**model_args)
+    prompt = torch.randint(0, 61, (2, 5), generator=seed(0))
+    tokens, step_flops = {}, {}
+    for skip_unread_kv in (False, True):
+        for block in model.transformer.h:
+            block.attn.skip_unread_kv = skip_unread_kv
+        tokens[skip_unread_kv] = model.generate(prompt, 25, temperature=0)  # past block_size (24): prefills again
+        with FlopCounterMode(display=False) as counter:
+            model.decode_step(tokens[skip_unread_kv][:, -1:], torch.tensor([10]), model.kv_cache)
+        step_flops[skip_unread_kv] = counter.get_total_flops()
+    assert torch.equal(tokens[True], tokens[False])
+    cfg = model.config
+    unread_kv_columns = sum(2 * cfg.first_cached_head(layer) * 8 for layer in range(cfg.n_layer))  # heads of 8
+    assert unread_kv_columns > 0 and step_flops[False] - step_flops[True] == 2 * 2 * 32 * unread_kv_columns
+    torch._dynamo.reset()
+    model.compile_decode_step(backend="eager")  # fullgraph: a graph break would raise
+    assert torch.equal(model.generate(prompt, 25, temperature=0), tokens[True])
+    torch._dynamo.reset()
+
+
 def test_compiled_decode_step_with_inductor_matches_eager():
     """What sample.py --compile runs on a CPU (C++ code generation; on CUDA the same with CUDA graphs)."""
     torch._dynamo.reset()

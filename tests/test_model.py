@@ -214,16 +214,77 @@ def storage_bytes_alive_after_forward(model: GPT, idx: torch.Tensor, compiled: b
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("recompute", [True, False])
 def test_sla_holds_no_more_activations_than_plain(compiled, recompute, monkeypatch):
-    """Issue 7's memory target: the concatenated K/V of SLA layers are recomputed in backward, not kept."""
+    """Issue 7's memory target: the concatenated K/V of SLA layers are recomputed in backward, not kept. Exactly
+    plain's bytes while every layer computes all its K/V; less where layer 3 leaves out the K/V nobody reads."""
     monkeypatch.setattr(CausalSelfAttention, "recompute_mixed_kv", recompute)
     torch._dynamo.reset()
     idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(0))
     plain, sla = (make_model(sla=sla, sla_skip=1).train() for sla in (False, True))
     plain_bytes = storage_bytes_alive_after_forward(plain, idx, compiled)
-    sla_bytes = storage_bytes_alive_after_forward(sla, idx, compiled)
+    sla_bytes = {}
+    for skip_unread_kv in (False, True):
+        set_skip_unread_kv(sla, skip_unread_kv)
+        sla_bytes[skip_unread_kv] = storage_bytes_alive_after_forward(sla, idx, compiled)
     mixed_kv_bytes = 3 * 2 * idx.numel() * 32 * 4  # 3 SLA layers, K and V, float32
     assert plain_bytes > 10 * mixed_kv_bytes  # the measurement sees the activations at all
-    assert sla_bytes == plain_bytes + (0 if recompute else mixed_kv_bytes)
+    assert sla_bytes[False] == plain_bytes + (0 if recompute else mixed_kv_bytes)
+    assert sla_bytes[True] < sla_bytes[False]
+
+
+def set_skip_unread_kv(model: GPT, skip_unread_kv: bool):
+    for block in model.transformer.h:  # per module, as bench.py sets it
+        block.attn.skip_unread_kv = skip_unread_kv
+
+
+@pytest.mark.parametrize("skip, head_ratio, first_heads", [(1, 0.75, [0, 0, 0, 3]), (2, 0.5, [0, 0, 2, 2])])
+def test_skipping_unread_kv_keeps_the_loss_and_every_gradient(skip, head_ratio, first_heads):
+    """Layers that leave the K/V nobody reads out of c_attn's matmul train exactly as if they computed them: those
+    rows of c_attn get no gradient either way."""
+    idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(0))
+    losses, grads = {}, {}
+    for skip_unread_kv in (False, True):
+        model = make_model(sla=True, sla_skip=skip, sla_head_ratio=head_ratio).train()
+        set_skip_unread_kv(model, skip_unread_kv)
+        _, loss = model(idx, idx.roll(-1, dims=1))
+        loss.backward()
+        losses[skip_unread_kv] = loss.detach()
+        grads[skip_unread_kv] = {name: param.grad for name, param in model.named_parameters()}
+    cfg = model.config
+    assert [cfg.first_cached_head(layer) for layer in range(cfg.n_layer)] == first_heads
+    assert torch.allclose(losses[True], losses[False], rtol=1e-6, atol=0)
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, rtol=1e-5, atol=1e-7), name
+    for layer, first in enumerate(first_heads):
+        for skip_unread_kv in (False, True):
+            prefix = f"transformer.h.{layer}.attn.c_attn."
+            weight = grads[skip_unread_kv][prefix + "weight"].view(3, 4, 8, 32)  # q | k | v, 4 heads of 8
+            bias = grads[skip_unread_kv][prefix + "bias"].view(3, 4, 8)
+            assert weight[1:, :first].abs().sum() == 0 and bias[1:, :first].abs().sum() == 0  # nobody reads them
+            assert weight[1:, first:].abs().amin(dim=(2, 3)).gt(0).all()  # every K/V head read has its gradient
+
+
+def test_skipping_unread_kv_removes_their_matmul_work():
+    """torch's FLOP counter: c_attn's matmul loses 2·B·T·C FLOPs per K/V column left out (2 heads of K and V in
+    layers 2 and 3 here), in a forward pass, and three times that in training (the forward and both backward ones)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_model(sla=True, sla_skip=2, sla_head_ratio=0.5, bias=False).train()
+    idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(0))
+    forward_flops, training_flops = {}, {}
+    for skip_unread_kv in (False, True):
+        set_skip_unread_kv(model, skip_unread_kv)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(idx, idx)
+        forward_flops[skip_unread_kv] = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            model(idx, idx)[1].backward()
+        training_flops[skip_unread_kv] = counter.get_total_flops()
+    B, T, C, D = 2, 24, 32, 8
+    cfg = model.config
+    expected = sum(2 * B * T * C * 2 * cfg.first_cached_head(layer) * D for layer in range(cfg.n_layer))
+    assert expected == 2 * (2 * B * T * C * 2 * 2 * D)
+    assert forward_flops[False] - forward_flops[True] == expected
+    assert training_flops[False] - training_flops[True] == 3 * expected
 
 
 @pytest.mark.parametrize("sla", [False, True])
@@ -354,7 +415,8 @@ def test_from_pretrained_matches_huggingface(tmp_path):
 def test_flops_per_token_counts_the_matmuls_of_a_training_step():
     """6N + 12·L·C·T against torch's FLOP counter on one forward and backward pass (attention through SDPA's math
     path, whose matmuls it counts, in full as the formula does). The counter sees only matmuls, not the 6 FLOPs
-    per token charged to each of the 288 LayerNorm gains of this bias-free model ((2 x 4 layers + 1) x 32)."""
+    per token charged to each of the 288 LayerNorm gains of this bias-free model ((2 x 4 layers + 1) x 32), nor
+    the 6 per token of each of the 2 x 3 x 8 x 32 = 1,536 c_attn weights of the K/V that layer 3 leaves out."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -363,7 +425,7 @@ def test_flops_per_token_counts_the_matmuls_of_a_training_step():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         _, loss = model(idx, idx, return_logits=False)
         loss.backward()
-    assert counter.get_total_flops() / idx.numel() + 6 * 288 == model.flops_per_token()
+    assert counter.get_total_flops() / idx.numel() + 6 * 288 + 6 * 1_536 == model.flops_per_token()
     # by hand: matrices 61 x 32 (tied wte) + 4 x (32 x 96 + 32 x 32 + 2 x 32 x 128) = 51,104; attention 12 x 4 x 32 x 24
     assert model.flops_per_token() == 6 * (51_104 + 288) + 36_864
     assert model.flops_per_token(12) == 6 * (51_104 + 288) + 36_864 // 2
