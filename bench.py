@@ -4,7 +4,7 @@ measured side by side in one process.
 
     python bench.py --shapes=tiny:64:2 --device=cpu                                     # a quick CPU check
     python bench.py --peer=.carry/nanogpt --shapes=small:4096:4,medium:8192:1 --compile --sla_skips=9 \
-        --out=results/bench-vs-nanogpt-h100.jsonl
+        --out=results/bench-sdpa-vs-nanogpt-h100.jsonl
 
 A shape is model:block_size:batch_size with model one of MODELS. For each shape the plain model, nanoGPT's GPT
 (--peer=DIR: DIR/model.py loaded by path, built with the same shape, bias and vocabulary, dropout 0) and one SLA
