@@ -53,7 +53,15 @@ from torch import nn
 from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from configurator import autocast_context, check_device, check_dtype, parse_cli, resolve_device, resolve_dtype
+from configurator import (
+    autocast_context,
+    check_device,
+    check_dtype,
+    parse_cli,
+    resolve_device,
+    resolve_dtype,
+    resolve_freeze_weights,
+)
 from fa4 import check_attention, use_fa4
 from model import GPT, GPTConfig
 from train import load_meta, open_tokens, windows_to_tensor
@@ -177,10 +185,9 @@ class BenchConfig:
                 raise ValueError(f"sla_head_ratio: {self.sla_head_ratio} of {shape.size}'s {n_head} heads is 0 heads")
         if min(self.decode_tokens, self.profile_steps) < 0:
             raise ValueError("decode_tokens and profile_steps must be >= 0")
-        if self.decode_freeze_weights and not self.compile:
-            raise ValueError("decode_freeze_weights: freezes the weights into the compiled decode step: add --compile")
-        if self.decode_freeze_weights is None:
-            self.decode_freeze_weights = self.compile
+        self.decode_freeze_weights = resolve_freeze_weights(
+            "decode_freeze_weights", self.decode_freeze_weights, self.compile
+        )
         if self.decode_repeats < 1:
             raise ValueError(f"decode_repeats must be >= 1, got {self.decode_repeats}")
         if self.decode_profile and self.decode_tokens == 0:

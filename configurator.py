@@ -172,6 +172,14 @@ def check_dtype(dtype: str):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
+def resolve_freeze_weights(key: str, freeze_weights: bool | None, compile: bool) -> bool:
+    """For a config's __post_init__: whether a compiled decode step freezes the weights (None: when compiled); a
+    key set True without compile is an error that names it, not a setting silently unused."""
+    if freeze_weights and not compile:
+        raise ValueError(f"{key}: freezes the weights into the compiled decode step: add --compile")
+    return compile if freeze_weights is None else freeze_weights
+
+
 def check_device(device: str):
     """For a config's __post_init__: device is auto, cpu, cuda or cuda:N, and a GPU it names is there."""
     kind, _, index = device.partition(":")

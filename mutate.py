@@ -256,10 +256,12 @@ MUTATIONS = [
     Mutation("decode_freeze_ignored", "model.py", "compile_decode_step(freeze_weights=True) compiles without freezing",
              "inductor_config.freezing, True", "inductor_config.freezing, False",
              ("tests/test_decode.py::test_frozen_decode_step_gives_the_same_tokens_and_keeps_the_weights_it_compiled_with",)),
-    Mutation("decode_freeze_not_default", "sample.py", "sample.py --compile no longer freezes the weights by default",
-             "            self.freeze_weights = self.compile", "            self.freeze_weights = False",
+    Mutation("decode_freeze_not_default", "configurator.py", "--compile no longer freezes the decode step's weights "
+             "by default (sample.py, bench.py)",
+             "return compile if freeze_weights is None", "return False if freeze_weights is None",
              ("tests/test_sample.py::test_freeze_weights_follows_compile_unless_given",
-              "tests/test_sample.py::test_compiled_decode_step_gives_the_same_samples_and_reports_compilation_apart")),
+              "tests/test_sample.py::test_compiled_decode_step_gives_the_same_samples_and_reports_compilation_apart",
+              "tests/test_bench.py::test_decode_freezes_the_weights_when_compiled_unless_told_not_to")),
     Mutation("generate_temperature_type_recompiles", "model.py", "generate passes temperature on as given (0 and 0.0 "
              "compile two decode steps)",
              "        temperature = float(temperature)  #", "        temperature = temperature  #",

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 
 from checkpoint import TrainError, load_checkpoint, model_from_checkpoint, pretrained_model
-from configurator import autocast_context, check_device, check_dtype, parse_cli, resolve_device, resolve_dtype
+from configurator import (
+    autocast_context,
+    check_device,
+    check_dtype,
+    parse_cli,
+    resolve_device,
+    resolve_dtype,
+    resolve_freeze_weights,
+)
 from model import GPT
 from prepare_openwebtext import get_tokenizer
 
@@ -53,10 +61,7 @@ class SampleConfig:
             raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 (or None: the full distribution), got {self.top_k}")
-        if self.freeze_weights and not self.compile:
-            raise ValueError("freeze_weights: freezes the weights into the compiled decode step: add --compile")
-        if self.freeze_weights is None:
-            self.freeze_weights = self.compile
+        self.freeze_weights = resolve_freeze_weights("freeze_weights", self.freeze_weights, self.compile)
         check_dtype(self.dtype)
         check_device(self.device)
 
