@@ -3,11 +3,12 @@ FlashAttention-4 (the flash-attn-4 package's flash_attn.cute, for Hopper and Bla
 causal attention without a mask: train.py --attention=fa4 trains with it, bench.py --attention=fa4 measures it.
 
 It lives here, apart from model.py, because it is an optional kernel: model.py's attend() takes any function
-(q, k, v) -> causal attention through CausalSelfAttention.causal_attention, and use_fa4 hands it this one. FA4's
+(q, k, v, qkv) -> causal attention through CausalSelfAttention.causal_attention, and use_fa4 hands it this one. FA4's
 autograd.Function cannot be traced by torch.compile, so its forward and backward are wrapped as custom operators
 with shape-only (fake) implementations: a compiled graph calls them as opaque kernels, and SLA's selective
 checkpointing saves the attention's output as it saves SDPA's instead of running the kernel again in backward.
-q, k, v and the output are (B, T, n_head, head_dim), FA4's layout and attend()'s.
+q, k, v and the output are (B, T, n_head, head_dim), FA4's layout and attend()'s; qkv, where a plain layer has
+one, is (B, T, 3, n_head, head_dim), c_attn's output, and gets its gradient written whole.
 
 flash_attn is imported only where a kernel runs (and by check_fa4), so this module, train.py and bench.py import
 without it; registering the operators needs only torch.
