@@ -92,7 +92,8 @@ ROW_FIELDS = (
     "attention", "dtype", "sdpa_backend", "loss_impl", "data", "vocab_size", "bias", "round_robin", "warmup_steps",
     "rounds", "block_steps", "n_params",
     # training steps
-    "ms_per_step", "ms_per_step_mean", "ms_per_step_min", "ms_per_step_max", "timed_steps", "first_step_s",
+    "ms_per_step", "ms_per_step_mean", "ms_per_step_min", "ms_per_step_max", "ms_per_step_rounds", "timed_steps",
+    "first_step_s",
     "tokens_per_s", "mfu", "peak_mem_gib", "step_mem_gib", "first_loss", "loss",
     # KV-cache decoding (our models)
     "decode_prompt_tokens", "decode_fresh_prompt", "decode_tokens", "decode_tokens_per_s", "decode_compile_s",
@@ -600,6 +601,17 @@ def warm_up(contender: Contender, config: BenchConfig, device: str):
         contender.warmup_peak_bytes = torch.cuda.max_memory_allocated(device) - allocated_before
 
 
+def round_orders(group: list, rounds: int) -> list[list]:
+    """
+    The order of the models in each round: as given, then reversed, and so on. A GPU slows as it runs (at its power
+    cap, warming up: on an H200 a model's step took up to 6% longer in its fourth round than in its first); in a
+    fixed order the model timed last in each round would always run later, on the slower GPU, than the first.
+    Alternating, each model's mean position over a pair of rounds is the same, so a linear drift hits all of them
+    alike (hence an even --rounds).
+    """
+    return [group if number % 2 == 0 else group[::-1] for number in range(rounds)]
+
+
 def run_block(contender: Contender, steps: int, device: str):
     """steps training steps back to back: each one's time (ms), its loss and the memory the block allocated."""
     with contender.context():
@@ -639,8 +651,8 @@ def measure_group(group: list[Contender], config: BenchConfig, shape: Shape, dev
             warm_up(contender, config, device)
         except RuntimeError as err:
             record_error(contender, err, device)
-    for _ in range(config.rounds):
-        for contender in filter(lambda c: c.alive, group):
+    for order in round_orders(group, config.rounds):
+        for contender in filter(lambda c: c.alive, order):
             try:
                 run_block(contender, config.block_steps, device)
             except RuntimeError as err:
@@ -655,6 +667,10 @@ def measure_group(group: list[Contender], config: BenchConfig, shape: Shape, dev
             ms_per_step_mean=statistics.mean(contender.step_ms),
             ms_per_step_min=min(contender.step_ms),
             ms_per_step_max=max(contender.step_ms),
+            ms_per_step_rounds=[  # each round's median, in the order run: the drift that round_orders evens out
+                statistics.median(contender.step_ms[start : start + config.block_steps])
+                for start in range(0, len(contender.step_ms), config.block_steps)
+            ],
             timed_steps=len(contender.step_ms),
             tokens_per_s=tokens_per_s,
             mfu=flops.estimate_mfu(tokens_per_s, seq_len=shape.block_size),

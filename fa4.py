@@ -3,12 +3,10 @@ FlashAttention-4 (the flash-attn-4 package's flash_attn.cute, for Hopper and Bla
 causal attention without a mask: train.py --attention=fa4 trains with it, bench.py --attention=fa4 measures it.
 
 It lives here, apart from model.py, because it is an optional kernel: model.py's attend() takes any function
-(q, k, v, qkv) -> causal attention through CausalSelfAttention.causal_attention, and use_fa4 hands it this one. FA4's
-autograd.Function cannot be traced by torch.compile, so its forward and backward are wrapped as custom operators
-with shape-only (fake) implementations: a compiled graph calls them as opaque kernels, and SLA's selective
-checkpointing saves the attention's output as it saves SDPA's instead of running the kernel again in backward.
-q, k, v and the output are (B, T, n_head, head_dim), FA4's layout and attend()'s; qkv, where a plain layer has
-one, is (B, T, 3, n_head, head_dim), c_attn's output, and gets its gradient written whole.
+(q, k, v, qkv, skip_kv) -> causal attention through CausalSelfAttention.causal_attention, and use_fa4 hands it this
+one. FA4's autograd.Function cannot be traced by torch.compile, so its forward and backward are wrapped as custom
+operators with shape-only (fake) implementations: a compiled graph calls them as opaque kernels. q, k, v and the
+output are (B, T, heads, head_dim), FA4's layout and attend()'s.
 
 flash_attn is imported only where a kernel runs (and by check_fa4), so this module, train.py and bench.py import
 without it; registering the operators needs only torch.
@@ -63,101 +61,99 @@ def check_fa4(device: str, dtype: str = "auto"):
         ) from None
 
 
-def _flash_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    from flash_attn.cute import flash_attn_func
+# One pair of operators for every layer. A layer's c_attn output qkv, (B, T, n_head + 2 * kv_heads, head_dim), holds
+# q, then its own K and V (see CausalSelfAttention.project_qkv). An SLA layer's skip heads 0 .. S-1 attend over the
+# earlier layer's skip_k and skip_v (B, T, S, head_dim), its other heads over the last n_head - S own K/V heads: FA4
+# runs once per group of heads, each writing its part of one output. So no SLA layer copies its two K/V sources into
+# one tensor as SDPA needs, and the backward writes the gradients of q and of the own K/V straight into one tensor,
+# the gradient of c_attn's output: separate gradients would be copied into one (a stack or cat kernel, 1.5% of GPT-2
+# small's step at 4K x 4 on an H100 for the plain layers' alone).
+# The price: two calls over fewer heads each keep the GPU a little less busy than one call over all heads (an H200
+# profile: +0.5 ms of FA4 kernel time per step at GPT-2 small 16K), about what the copies for one call cost; end to
+# end the two measured alike (README, issue 15). Copying inside the operator instead (aten's cat) was slower still.
 
-    with torch.no_grad():  # the operators' autograd formulas are below, not FA4's own autograd.Function
-        out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
-    return out.contiguous(), lse.contiguous()
+
+def _head_groups(qkv: Tensor, n_head: int, skip_k: Tensor | None, skip_v: Tensor | None):
+    """q, and (heads, k, v) for each group of heads that attends over one K/V: the skip heads, then the own heads
+    (either may be none: FA4 is called with no empty group)."""
+    n_kv = (qkv.size(2) - n_head) // 2
+    q, k, v = qkv.split([n_head, n_kv, n_kv], dim=2)
+    n_skip = 0 if skip_k is None else skip_k.size(2)
+    own = slice(n_kv - (n_head - n_skip), n_kv)
+    groups = [(slice(0, n_skip), skip_k, skip_v), (slice(n_skip, n_head), k[:, :, own], v[:, :, own])]
+    return q, [group for group in groups if group[0].stop > group[0].start]
 
 
 @torch.library.custom_op("sla_gpt::fa4_forward", mutates_args=())
-def fa4_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def fa4_forward(qkv: Tensor, n_head: int, skip_k: Tensor | None, skip_v: Tensor | None) -> tuple[Tensor, Tensor]:
     """Causal attention: the output (B, T, n_head, head_dim) and the log-sum-exp of each row's scores (B, n_head, T)."""
-    return _flash_attention(q, k, v)
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse = _fa4_forward_fake(qkv, n_head, skip_k, skip_v)
+    q, groups = _head_groups(qkv, n_head, skip_k, skip_v)
+    for heads, k, v in groups:
+        _flash_attn_fwd(q[:, :, heads], k, v, causal=True, return_lse=True, out=out[:, :, heads], lse=lse[:, heads])
+    return out, lse
 
 
-def _fa4_forward_fake(q, k, v):
-    batch_size, seq_len, n_head, head_dim = q.shape
-    out = q.new_empty((batch_size, seq_len, n_head, head_dim))
-    return out, q.new_empty((batch_size, n_head, seq_len), dtype=torch.float32)
-
-
-fa4_forward.register_fake(_fa4_forward_fake)
+@fa4_forward.register_fake
+def _fa4_forward_fake(qkv, n_head, skip_k, skip_v):
+    batch_size, seq_len, _, head_dim = qkv.shape
+    out = qkv.new_empty((batch_size, seq_len, n_head, head_dim))
+    return out, qkv.new_empty((batch_size, n_head, seq_len), dtype=torch.float32)
 
 
 @torch.library.custom_op("sla_gpt::fa4_backward", mutates_args=())
 def fa4_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of q, k and v, given the output's gradient dout and fa4_forward's out and lse."""
+    dout: Tensor, qkv: Tensor, n_head: int, skip_k: Tensor | None, skip_v: Tensor | None, out: Tensor, lse: Tensor
+) -> list[Tensor]:
+    """
+    The gradients of qkv (zero for own K/V heads that this layer does not attend over), and of skip_k and skip_v if
+    given; from the output's gradient dout and fa4_forward's out and lse. FA4 writes them in place of its own.
+    """
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    grads = _fa4_backward_fake(dout, qkv, n_head, skip_k, skip_v, out, lse)
+    q, groups = _head_groups(qkv, n_head, skip_k, skip_v)
+    dq, grad_groups = _head_groups(grads[0], n_head, *(grads[1:] or (None, None)))
+    n_kv = (qkv.size(2) - n_head) // 2
+    unread = n_kv - (n_head - (0 if skip_k is None else skip_k.size(2)))  # own K/V heads only a later layer reads
+    if unread > 0:
+        grads[0][:, :, n_head : n_head + unread].zero_()
+        grads[0][:, :, n_head + n_kv : n_head + n_kv + unread].zero_()
+    for (heads, k, v), (_, dk, dv) in zip(groups, grad_groups, strict=True):
+        _flash_attn_bwd(
+            q[:, :, heads], k, v, out[:, :, heads], dout[:, :, heads], lse[:, heads], causal=True,
+            dq=dq[:, :, heads], dk=dk, dv=dv,
+        )  # fmt: skip
+    return grads
 
 
 @fa4_backward.register_fake
-def _(dout, q, k, v, out, lse):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _fa4_backward_fake(dout, qkv, n_head, skip_k, skip_v, out, lse):
+    return [torch.empty_like(qkv)] + ([] if skip_k is None else [torch.empty_like(skip_k), torch.empty_like(skip_v)])
 
 
 def _fa4_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
+    qkv, ctx.n_head, skip_k, skip_v = inputs
+    ctx.save_for_backward(qkv, skip_k, skip_v, *output)
 
 
 def _fa4_backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return fa4_backward(dout.contiguous(), q, k, v, out, lse)
+    qkv, skip_k, skip_v, out, lse = ctx.saved_tensors
+    grads = fa4_backward(dout.contiguous(), qkv, ctx.n_head, skip_k, skip_v, out, lse)
+    return grads[0], None, *(grads[1:] or (None, None))
 
 
 fa4_forward.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
-# The same attention for q, k and v packed in one (B, T, 3, n_head, head_dim) tensor, as c_attn makes them in a plain
-# layer. Its backward has FA4 write the three gradients into one packed tensor, which is the gradient of c_attn's
-# output as it is: with separate q, k and v the compiled backward copies their gradients into one (a stack kernel,
-# 1.5% of GPT-2 small's step at 4K x 4 on an H100).
-
-
-@torch.library.custom_op("sla_gpt::fa4_packed_forward", mutates_args=())
-def fa4_packed_forward(qkv: Tensor) -> tuple[Tensor, Tensor]:
-    """fa4_forward of qkv's q, k and v: the output (B, T, n_head, head_dim) and the log-sum-exp (B, n_head, T)."""
-    return _flash_attention(*qkv.unbind(dim=2))
-
-
-@fa4_packed_forward.register_fake
-def _(qkv):
-    return _fa4_forward_fake(*qkv.unbind(dim=2))
-
-
-@torch.library.custom_op("sla_gpt::fa4_packed_backward", mutates_args=())
-def fa4_packed_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor) -> Tensor:
-    """The gradient of qkv, (B, T, 3, n_head, head_dim), written by FA4 in place of its own dq, dk and dv."""
-    from flash_attn.cute.interface import _flash_attn_bwd
-
-    dqkv = torch.empty_like(qkv)
-    dq, dk, dv = dqkv.unbind(dim=2)
-    _flash_attn_bwd(*qkv.unbind(dim=2), out, dout, lse, causal=True, dq=dq, dk=dk, dv=dv)
-    return dqkv
-
-
-@fa4_packed_backward.register_fake
-def _(dout, qkv, out, lse):
-    return qkv.new_empty(qkv.shape)
-
-
-def _fa4_packed_backward(ctx, dout, _dlse):
-    qkv, out, lse = ctx.saved_tensors
-    return fa4_packed_backward(dout.contiguous(), qkv, out, lse)
-
-
-fa4_packed_forward.register_autograd(_fa4_packed_backward, setup_context=_fa4_setup_context)
-
-
-def fa4_causal_attention(q: Tensor, k: Tensor, v: Tensor, qkv: Tensor | None = None) -> Tensor:
-    """CausalSelfAttention.causal_attention: through the packed operators where attend() has q, k, v packed in qkv."""
-    return (fa4_forward(q, k, v) if qkv is None else fa4_packed_forward(qkv))[0]
+def fa4_causal_attention(q: Tensor, k: Tensor, v: Tensor, qkv: Tensor | None = None, skip_kv=None) -> Tensor:
+    """CausalSelfAttention.causal_attention: attend()'s attention through the operators. Where q, k and v are not
+    views of one qkv (from a KV cache: prefill, no gradient), they are packed into one by a copy."""
+    if qkv is None:
+        qkv = torch.cat([q, k, v], dim=2)
+    return fa4_forward(qkv, q.size(2), *(skip_kv or (None, None)))[0]
 
 
 def use_fa4(model: GPT) -> GPT:

@@ -86,9 +86,9 @@ class CausalSelfAttention(nn.Module):
     # K/V rows of its weight: less work in training and decoding, the same parameters. False computes them as
     # before; bench.py --sla_skip_unread_kv=False measures the difference.
     skip_unread_kv = True
-    # A function (q, k, v, qkv) -> causal attention in attend()'s layout, used in place of SDPA where attend() has no
-    # mask (training, prefill); None: SDPA. qkv is None or the tensor q, k and v are views of, whose gradient a kernel
-    # can then write whole. --attention=fa4 (train.py, bench.py) sets it per model with fa4.use_fa4.
+    # A function (q, k, v, qkv, skip_kv) -> causal attention as attend() computes it, used in place of SDPA where
+    # attend() has no mask (training, prefill); None: SDPA. qkv is None or the tensor q, k and v are views of, whose
+    # gradient a kernel can then write whole. --attention=fa4 (train.py, bench.py) sets it per model with fa4.use_fa4.
     causal_attention = None
 
     def __init__(self, config: GPTConfig, layer: int):
@@ -116,56 +116,56 @@ class CausalSelfAttention(nn.Module):
         q, k, v, qkv = self.project_qkv(x)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, input_pos)
+            qkv = None  # k and v are the cache's now
         own_kv = (k, v)
         if self.n_skip_heads == 0:
-            y = self.attend(q, k, v, attn_mask, qkv if kv_cache is None else None)
-        elif torch.is_grad_enabled() and self.recompute_mixed_kv:
-            # The mixed K/V are new tensors that SDPA would keep for backward: 2*B*T*C values more per SLA layer
-            # than a plain layer holds. Keep only SDPA's outputs and rebuild the mix (a copy, no matmul) in backward.
-            y = checkpoint(
-                self.attend_mixed, q, k, v, *skip_kv, attn_mask, use_reentrant=False, context_fn=_recompute_only_cat
-            )
+            y = self.attend(q, k, v, attn_mask, qkv)
         else:
-            y = self.attend_mixed(q, k, v, *skip_kv, attn_mask)
+            # Skip heads take layer l - sla_skip's K/V, the rest their own: the last n_head - n_skip_heads of k and
+            # v (the others, if there, are read by layer l + sla_skip, not here).
+            own_heads = slice(k.size(2) - (self.n_head - self.n_skip_heads), None)
+            skip_kv = [kv[:, :, : self.n_skip_heads] for kv in skip_kv]
+            args = (q, k[:, :, own_heads], v[:, :, own_heads], attn_mask, qkv, skip_kv)
+            if torch.is_grad_enabled() and self.recompute_mixed_kv and self.mixes_by_copy(attn_mask):
+                # The mixed K/V are new tensors that SDPA would keep for backward: 2*B*T*C values more per SLA
+                # layer than a plain layer holds. Keep only SDPA's outputs; rebuild the mix (a copy) in backward.
+                y = checkpoint(self.attend, *args, use_reentrant=False, context_fn=_recompute_only_cat)
+            else:
+                y = self.attend(*args)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C))), own_kv
 
     def project_qkv(self, x):
         """
         q (B, T, n_head, head_dim) and this layer's own k, v (B, T, heads, head_dim) of the heads some layer reads,
         first_read_head .. n_head-1 (all heads with skip_unread_kv off): c_attn without the rows of the others. Then
-        qkv, the (B, T, 3, n_head, head_dim) tensor q, k and v are views of, or None where rows were left out.
+        qkv, the (B, T, n_head + 2 * heads, head_dim) tensor q, k and v are views of.
         """
         B, T, C = x.size()
         first = self.first_read_head if self.skip_unread_kv else 0
-        if first == 0:
-            qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
-            return *qkv.unbind(dim=2), qkv
-        rows = (slice(0, C), slice(C + first * self.head_dim, 2 * C), slice(2 * C + first * self.head_dim, 3 * C))
         weight, bias = self.c_attn.weight, self.c_attn.bias
-        weight = torch.cat([weight[r] for r in rows])
-        bias = None if bias is None else torch.cat([bias[r] for r in rows])
-        q, kv = F.linear(x, weight, bias).split([C, 2 * (C - first * self.head_dim)], dim=-1)
-        k, v = kv.view(B, T, 2, self.n_head - first, self.head_dim).unbind(dim=2)
-        return q.view(B, T, self.n_head, self.head_dim), k, v, None
+        if first > 0:
+            rows = (slice(0, C), slice(C + first * self.head_dim, 2 * C), slice(2 * C + first * self.head_dim, 3 * C))
+            weight = torch.cat([weight[r] for r in rows])
+            bias = None if bias is None else torch.cat([bias[r] for r in rows])
+        qkv = F.linear(x, weight, bias).view(B, T, -1, self.head_dim)
+        return *qkv.split([self.n_head, self.n_head - first, self.n_head - first], dim=2), qkv
 
-    def attend_mixed(self, q, k, v, skip_k, skip_v, attn_mask=None):
-        """
-        Skip heads take layer l - sla_skip's K/V, the rest their own; one tensor each, so one SDPA call. k and v end
-        with this layer's own heads n_skip_heads ..; the others come first, unless nobody reads them (project_qkv).
-        """
-        own = k.size(2) - (self.n_head - self.n_skip_heads)  # where the own heads start in k and v
-        k = torch.cat([skip_k[:, :, : self.n_skip_heads], k[:, :, own:]], dim=2)
-        v = torch.cat([skip_v[:, :, : self.n_skip_heads], v[:, :, own:]], dim=2)
-        return self.attend(q, k, v, attn_mask)
+    def mixes_by_copy(self, attn_mask) -> bool:
+        """Whether attend() copies an SLA layer's two K/V sources into one tensor each: SDPA needs that, FA4 (where
+        causal_attention runs) attends over each source apart."""
+        return attn_mask is not None or self.causal_attention is None
 
-    def attend(self, q, k, v, attn_mask=None, qkv=None):
+    def attend(self, q, k, v, attn_mask=None, qkv=None, skip_kv=None):
         """
-        Attention of q (B, T, n_head, head_dim) over k, v (B, T_kv, n_head, head_dim): causal (T_kv = T) without
+        Attention of q (B, T, n_head, head_dim): heads 0 .. S-1 over skip_kv's (skip_k, skip_v), each (B, T_kv, S,
+        head_dim), where given, the other heads over k, v (B, T_kv, n_head - S, head_dim). Causal (T_kv = T) without
         attn_mask, else to the positions where attn_mask (T, T_kv) is True. qkv: the one tensor q, k and v are views
-        of, (B, T, 3, n_head, head_dim), where they are (a plain layer's c_attn output), for causal_attention.
+        of (c_attn's output, see project_qkv), where they are, for causal_attention.
         """
         if attn_mask is None and self.causal_attention is not None:
-            return self.causal_attention(q, k, v, qkv)
+            return self.causal_attention(q, k, v, qkv, skip_kv)
+        if skip_kv is not None:
+            k, v = torch.cat([skip_kv[0], k], dim=2), torch.cat([skip_kv[1], v], dim=2)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -178,7 +178,7 @@ class CausalSelfAttention(nn.Module):
 
 
 def _recompute_only_cat(**_):
-    """Selective activation checkpointing for attend_mixed: recompute the head concatenation (and the views of
+    """Selective activation checkpointing for an SLA layer's attend: recompute the head concatenation (and the views of
     it, which would keep it alive), save everything else (the attention itself is never recomputed)."""
 
     def policy(ctx, op, *args, **kwargs):

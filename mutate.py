@@ -273,10 +273,18 @@ MUTATIONS = [
     Mutation("unread_kv_still_computed", "model.py", "SLA layers compute the K/V that no layer reads",
              "first = self.first_read_head if self.skip_unread_kv else 0", "first = 0",
              ("tests/test_model.py::test_skipping_unread_kv_removes_their_matmul_work",)),
-    Mutation("fa4_never_packed", "model.py", "plain layers hand FA4 separate q, k, v (their gradients copied into one)",
-             "y = self.attend(q, k, v, attn_mask, qkv if kv_cache is None else None)",
-             "y = self.attend(q, k, v, attn_mask, None)",
+    Mutation("fa4_never_packed", "fa4.py", "FA4 reads copies of q, k and v, never c_attn's output (nor the earlier "
+             "layer's K/V) in place",
+             "    if qkv is None:\n        qkv = torch.cat", "    if True:\n        qkv = torch.cat",
              ("tests/test_fa4.py::test_use_fa4_trains_as_sdpa",)),
+    Mutation("fa4_unread_kv_grad_unset", "fa4.py", "FA4's backward leaves the gradient of own K/V heads that only a "
+             "later layer reads uninitialised",
+             "    if unread > 0:\n", "    if False:\n",
+             ("tests/test_fa4.py::test_use_fa4_trains_as_sdpa",)),
+    Mutation("bench_fixed_order", "bench.py", "bench.py times the models in one order every round (clock drift "
+             "favours the model timed first)",
+             "group if number % 2 == 0 else group[::-1]", "group",
+             ("tests/test_bench.py::test_nanogpt_peer_timed_round_robin_on_the_same_data",)),
     Mutation("bench_data_ignored", "bench.py", "bench.py --data is ignored: always synthetic batches",
              'if config.data == "synthetic":\n        # Step time', "if True:\n        # Step time",
              ("tests/test_bench.py::test_real_data_folder",)),

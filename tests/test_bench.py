@@ -55,6 +55,8 @@ def test_two_shapes_plain_then_each_sla_skip(tmp_path, capsys):
         assert row["timed_steps"] == 2 and row["ratio_vs_nanogpt"] is None  # 2 rounds of 1 step; no --peer
         assert 0 < row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
         assert row["ms_per_step_min"] <= row["ms_per_step_mean"] <= row["ms_per_step_max"]
+        assert len(row["ms_per_step_rounds"]) == 2  # a round of 1 step: its median is that step's time
+        assert sorted(row["ms_per_step_rounds"]) == [row["ms_per_step_min"], row["ms_per_step_max"]]
         tokens = row["batch_size"] * row["block_size"]
         assert row["tokens_per_s"] == pytest.approx(tokens / row["ms_per_step"] * 1000)
         assert row["mfu"] is None and row["peak_mem_gib"] is None and row["step_mem_gib"] is None  # no GPU
@@ -371,7 +373,7 @@ def byte_data(folder: Path) -> Path:
 
 def test_nanogpt_peer_timed_round_robin_on_the_same_data(tmp_path, monkeypatch):
     """--peer: nanoGPT's GPT of the same shape trains on the same batches as ours, its steps and ours interleaved in
-    blocks; ratio_vs_nanogpt is nanoGPT's ms over each row's."""
+    blocks, every other round in reverse order; ratio_vs_nanogpt is nanoGPT's ms over each row's."""
     drawn = []  # (model number, first token of the batch) in the order the batches were drawn
     sources = []
     batch_source = bench.batch_source
@@ -406,13 +408,14 @@ def test_nanogpt_peer_timed_round_robin_on_the_same_data(tmp_path, monkeypatch):
     # same seed, same initialisation order, same first batch: nanoGPT's first loss is our plain model's
     assert nanogpt["first_loss"] == pytest.approx(plain["first_loss"], rel=1e-5)
 
-    # each model draws the same batches (one ahead, as train.py), warm-up one model after another, then the rounds
+    # each model draws the same batches (one ahead, as train.py), warm-up one model after another, then the rounds,
+    # every other one in reverse order (round_orders: clock drift hits all models alike)
     per_model = [[token for number, token in drawn if number == model] for model in range(3)]
     assert per_model[0] == per_model[1] == per_model[2] and len(per_model[0]) == 1 + 2 + 2 * 3
     assert len(set(per_model[0])) > 1  # drawn anew each step
     order = [number for number, _ in drawn]
     warm_up = [0] * 3 + [1] * 3 + [2] * 3
-    assert order == warm_up + ([0] * 3 + [1] * 3 + [2] * 3) * 2
+    assert order == warm_up + [0] * 3 + [1] * 3 + [2] * 3 + [2] * 3 + [1] * 3 + [0] * 3
 
 
 def test_levers_reach_our_models_only(monkeypatch):

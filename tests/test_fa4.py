@@ -32,20 +32,36 @@ def reference_attention(q, k, v):
     return ((scores - lse.unsqueeze(-1)).exp() @ v).transpose(1, 2), lse, scores
 
 
+class KernelCalls(dict):
+    """Kernel calls by kind; forward_storages: each forward call's q, k and v, as the storages they are views of."""
+
+    def __init__(self, counts: dict):
+        super().__init__(counts)
+        self.forward_storages = []
+
+
 @pytest.fixture
 def flash_attn_stand_in(monkeypatch):
     """flash_attn.cute's two functions that fa4.py calls, as FA4 4.0.0b36 defines them, computed in plain torch
     (FlashAttention's backward formulas); the calls are counted."""
-    calls = {"forward": 0, "backward": 0, "backward into one tensor": 0}
+    calls = KernelCalls({"forward": 0, "backward": 0, "backward into one tensor": 0})
 
-    def flash_attn_func(q, k, v, causal=False, return_lse=False):
+    def _flash_attn_fwd(q, k, v, causal=False, return_lse=False, out=None, lse=None):
         assert causal and return_lse and q.shape == k.shape == v.shape
+        assert q.size(2) > 0  # FA4 divides by the number of K/V heads
         calls["forward"] += 1
-        out, lse, _ = reference_attention(q, k, v)
-        return out.to(q.dtype), lse
+        calls.forward_storages.append(tuple(x.untyped_storage().data_ptr() for x in (q, k, v)))
+        reference_out, reference_lse, _ = reference_attention(q, k, v)
+        if out is None:
+            return reference_out.to(q.dtype), reference_lse, None, None, None
+        # written into the given tensors (views of a larger output, say), which must be of FA4's shapes and dtypes
+        assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == reference_lse.shape
+        out.copy_(reference_out)
+        lse.copy_(reference_lse)
+        return out, lse, None, None, None
 
     def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, dq=None, dk=None, dv=None):
-        assert causal
+        assert causal and q.size(2) > 0
         calls["backward"] += 1
         _, _, scores = reference_attention(q, k, v)
         p = (scores - lse.unsqueeze(-1)).exp()  # (B, H, T, T)
@@ -65,9 +81,9 @@ def flash_attn_stand_in(monkeypatch):
         return dq, dk, dv
 
     interface = types.ModuleType("flash_attn.cute.interface")
-    interface._flash_attn_bwd = _flash_attn_bwd
+    interface._flash_attn_fwd, interface._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
     cute = types.ModuleType("flash_attn.cute")
-    cute.flash_attn_func, cute.interface = flash_attn_func, interface
+    cute.interface = interface
     package = types.ModuleType("flash_attn")
     package.cute = cute
     for name, module in (("flash_attn", package), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface)):
@@ -85,8 +101,8 @@ def fa4_on_the_cpu(monkeypatch):
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
 def test_use_fa4_trains_as_sdpa(flash_attn_stand_in, sla, backend):
     """A model after use_fa4 gets SDPA's loss and gradients through the custom operators, eagerly and compiled
-    (their shape-only implementations traced); with SLA (skip 1) selective checkpointing saves the attention: one
-    kernel call per layer forward and one backward, none recomputed. Other models keep SDPA."""
+    (their shape-only implementations traced); an SLA layer (skip 1) attends with two kernel calls, one per K/V
+    source, in forward and in backward, none recomputed. Other models keep SDPA."""
     idx = torch.randint(256, (2, 17), generator=torch.Generator().manual_seed(0))
     results = []
     for attention in ("sdpa", "fa4"):
@@ -102,9 +118,18 @@ def test_use_fa4_trains_as_sdpa(flash_attn_stand_in, sla, backend):
     assert fa4_loss == pytest.approx(sdpa_loss, rel=1e-5)
     for sdpa_grad, fa4_grad in zip(sdpa_grads, fa4_grads, strict=True):
         torch.testing.assert_close(fa4_grad, sdpa_grad, rtol=1e-4, atol=1e-6)
-    # every layer, none run twice (3 of 4 are SLA's); plain layers' gradients are written into one tensor, c_attn's
-    # output's gradient, SLA layers' (whose K/V are a mix of two layers') apart
-    assert flash_attn_stand_in == {"forward": 4, "backward": 4, "backward into one tensor": 1 if sla else 4}
+    # every layer, none run twice: a plain layer in one call, an SLA layer (3 of 4 with sla) in two. A layer's own
+    # heads' gradients are written into one tensor, the gradient of c_attn's output; the skip heads' dk and dv apart
+    # (they are the earlier layer's)
+    calls = 1 + 3 * 2 if sla else 4
+    assert flash_attn_stand_in == {"forward": calls, "backward": calls, "backward into one tensor": 4}
+    # and no copies: every call reads q, k and v where c_attn put them, in its layer's output or, for the skip
+    # heads' K/V, in the earlier layer's
+    storages = flash_attn_stand_in.forward_storages
+    layer_outputs = list(dict.fromkeys(q for q, _, _ in storages))
+    assert len(layer_outputs) == 4
+    for number, (q, k, v) in enumerate(storages):
+        assert k == v and k in layer_outputs[: layer_outputs.index(q) + 1], f"call {number} reads a copy"
 
     # set on that model's modules only: the class and a new model keep SDPA
     assert CausalSelfAttention.causal_attention is None
@@ -115,7 +140,7 @@ def test_use_fa4_trains_as_sdpa(flash_attn_stand_in, sla, backend):
     model.eval()
     with torch.no_grad():
         model.generate(idx[:, :5], 3)
-    assert flash_attn_stand_in == {"forward": 8, "backward": 4, "backward into one tensor": 1 if sla else 4}
+    assert flash_attn_stand_in == {"forward": 2 * calls, "backward": calls, "backward into one tensor": 4}
 
 
 def read_log(out_dir) -> list[dict]:
@@ -149,10 +174,13 @@ def test_train_py_trains_through_fa4(flash_attn_stand_in, fa4_on_the_cpu, byte_d
     n_layer, micro_steps = settings["n_layer"], settings["max_iters"] * settings["gradient_accumulation_steps"]
     # evaluations at iters 0, 2, 4: eval_iters batches of batch_size windows at T = block_size
     eval_forwards = 3 * settings["eval_iters"]
+    # layer 0 plain, layer 1 SLA (sla_skip=1) with both its heads skipping: one call each, over its own K/V and over
+    # layer 0's (no call over an empty group of heads: FA4 cannot make one)
+    assert (n_layer, settings["n_head"], settings.get("sla_head_ratio", 0.75)) == (2, 2, 0.75)
     assert flash_attn_stand_in == {
-        "forward": n_layer * (micro_steps + eval_forwards),
-        "backward": n_layer * micro_steps,  # the SLA layer's attention is saved for backward, not run again
-        "backward into one tensor": micro_steps,  # layer 0's: the only plain one at sla_skip=1
+        "forward": 2 * (micro_steps + eval_forwards),
+        "backward": 2 * micro_steps,  # the attention is saved for backward, not run again
+        "backward into one tensor": micro_steps,  # layer 0's; layer 1's dk and dv are layer 0's, apart
     }
     assert_same_losses(losses(tmp_path / "fa4"), losses(tmp_path / "sdpa"))
     assert [line["config"]["attention"] for line in read_log(tmp_path / "fa4") if "config" in line] == ["fa4"]
@@ -197,7 +225,7 @@ def test_bench_routes_our_models_through_fa4(flash_attn_stand_in, fa4_on_the_cpu
     sdpa_rows = bench.main(bench.BenchConfig(**settings))
     assert flash_attn_stand_in["forward"] == 0
     fa4_rows = bench.main(bench.BenchConfig(**settings, attention="fa4"))
-    assert flash_attn_stand_in["backward"] == 2 * 2 * 12  # plain and SLA, 2 steps each, 12 layers
+    assert flash_attn_stand_in["backward"] == 2 * (12 + 1 + 11 * 2)  # 2 steps of plain and SLA (11 layers skip)
     for sdpa_row, fa4_row in zip(sdpa_rows, fa4_rows, strict=True):
         assert fa4_row["attention"] == "fa4" and fa4_row["model"] == sdpa_row["model"]
         assert fa4_row["first_loss"] == pytest.approx(sdpa_row["first_loss"], rel=1e-5)
