@@ -74,14 +74,18 @@ def check_fa4(device: str, dtype: str = "auto"):
 
 
 def _head_groups(qkv: Tensor, n_head: int, skip_k: Tensor | None, skip_v: Tensor | None):
-    """q, and (heads, k, v) for each group of heads that attends over one K/V: the skip heads, then the own heads
-    (either may be none: FA4 is called with no empty group)."""
+    """
+    q; (heads, k, v) for each group of heads that attends over one K/V: the skip heads, then the own heads (either
+    may be none: FA4 is called with no empty group); and the own k and v of the heads that a later layer reads but
+    this one does not attend over (no heads where there are none).
+    """
     n_kv = (qkv.size(2) - n_head) // 2
     q, k, v = qkv.split([n_head, n_kv, n_kv], dim=2)
     n_skip = 0 if skip_k is None else skip_k.size(2)
     own = slice(n_kv - (n_head - n_skip), n_kv)
     groups = [(slice(0, n_skip), skip_k, skip_v), (slice(n_skip, n_head), k[:, :, own], v[:, :, own])]
-    return q, [group for group in groups if group[0].stop > group[0].start]
+    unattended = (k[:, :, : own.start], v[:, :, : own.start])
+    return q, [group for group in groups if group[0].stop > group[0].start], unattended
 
 
 @torch.library.custom_op("sla_gpt::fa4_forward", mutates_args=())
@@ -90,7 +94,7 @@ def fa4_forward(qkv: Tensor, n_head: int, skip_k: Tensor | None, skip_v: Tensor 
     from flash_attn.cute.interface import _flash_attn_fwd
 
     out, lse = _fa4_forward_fake(qkv, n_head, skip_k, skip_v)
-    q, groups = _head_groups(qkv, n_head, skip_k, skip_v)
+    q, groups, _ = _head_groups(qkv, n_head, skip_k, skip_v)
     for heads, k, v in groups:
         _flash_attn_fwd(q[:, :, heads], k, v, causal=True, return_lse=True, out=out[:, :, heads], lse=lse[:, heads])
     return out, lse
@@ -114,13 +118,10 @@ def fa4_backward(
     from flash_attn.cute.interface import _flash_attn_bwd
 
     grads = _fa4_backward_fake(dout, qkv, n_head, skip_k, skip_v, out, lse)
-    q, groups = _head_groups(qkv, n_head, skip_k, skip_v)
-    dq, grad_groups = _head_groups(grads[0], n_head, *(grads[1:] or (None, None)))
-    n_kv = (qkv.size(2) - n_head) // 2
-    unread = n_kv - (n_head - (0 if skip_k is None else skip_k.size(2)))  # own K/V heads only a later layer reads
-    if unread > 0:
-        grads[0][:, :, n_head : n_head + unread].zero_()
-        grads[0][:, :, n_head + n_kv : n_head + n_kv + unread].zero_()
+    q, groups, _ = _head_groups(qkv, n_head, skip_k, skip_v)
+    dq, grad_groups, unattended = _head_groups(grads[0], n_head, *(grads[1:] or (None, None)))
+    for grad in unattended:  # their gradient is the later layer's alone, added to this zero
+        grad.zero_()
     for (heads, k, v), (_, dk, dv) in zip(groups, grad_groups, strict=True):
         _flash_attn_bwd(
             q[:, :, heads], k, v, out[:, :, heads], dout[:, :, heads], lse[:, heads], causal=True,

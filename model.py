@@ -126,7 +126,8 @@ class CausalSelfAttention(nn.Module):
             own_heads = slice(k.size(2) - (self.n_head - self.n_skip_heads), None)
             skip_kv = [kv[:, :, : self.n_skip_heads] for kv in skip_kv]
             args = (q, k[:, :, own_heads], v[:, :, own_heads], attn_mask, qkv, skip_kv)
-            if torch.is_grad_enabled() and self.recompute_mixed_kv and self.mixes_by_copy(attn_mask):
+            # SDPA needs the two K/V sources copied into one tensor each; causal_attention attends over each apart
+            if torch.is_grad_enabled() and self.recompute_mixed_kv and not self.runs_causal_attention(attn_mask):
                 # The mixed K/V are new tensors that SDPA would keep for backward: 2*B*T*C values more per SLA
                 # layer than a plain layer holds. Keep only SDPA's outputs; rebuild the mix (a copy) in backward.
                 y = checkpoint(self.attend, *args, use_reentrant=False, context_fn=_recompute_only_cat)
@@ -150,10 +151,9 @@ class CausalSelfAttention(nn.Module):
         qkv = F.linear(x, weight, bias).view(B, T, -1, self.head_dim)
         return *qkv.split([self.n_head, self.n_head - first, self.n_head - first], dim=2), qkv
 
-    def mixes_by_copy(self, attn_mask) -> bool:
-        """Whether attend() copies an SLA layer's two K/V sources into one tensor each: SDPA needs that, FA4 (where
-        causal_attention runs) attends over each source apart."""
-        return attn_mask is not None or self.causal_attention is None
+    def runs_causal_attention(self, attn_mask) -> bool:
+        """Whether attend() hands the attention to causal_attention (set, and no mask) rather than SDPA."""
+        return attn_mask is None and self.causal_attention is not None
 
     def attend(self, q, k, v, attn_mask=None, qkv=None, skip_kv=None):
         """
@@ -162,7 +162,7 @@ class CausalSelfAttention(nn.Module):
         attn_mask, else to the positions where attn_mask (T, T_kv) is True. qkv: the one tensor q, k and v are views
         of (c_attn's output, see project_qkv), where they are, for causal_attention.
         """
-        if attn_mask is None and self.causal_attention is not None:
+        if self.runs_causal_attention(attn_mask):
             return self.causal_attention(q, k, v, qkv, skip_kv)
         if skip_kv is not None:
             k, v = torch.cat([skip_kv[0], k], dim=2), torch.cat([skip_kv[1], v], dim=2)
