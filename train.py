@@ -29,6 +29,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose. DDP imports it lazily, and its functions take the default
+# group as a default argument (group=group.WORLD), evaluated at import: imported after init_process_group they hold
+# the live group forever, destroy_process_group cannot free it, and on gloo its worker threads outlive the run into
+# interpreter shutdown, where one that drops a tensor takes the GIL, is ended mid-destructor and aborts a finished
+# run ("terminate called without an active exception", about 1 CI run in 30; pytorch/pytorch#190489).
+import torch.distributed.nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # the checkpoint helpers live in checkpoint.py (sample.py reads checkpoints too); train.py re-exports them
@@ -588,15 +595,8 @@ def wrap_for_training(run: Run) -> torch.nn.Module:
     """The model that the loop runs forward and backward: compiled if asked, in DDP under torchrun."""
     train_model = torch.compile(run.model) if run.config.compile else run.model
     if run.ddp:
-        # DDP keeps its process group alive until the interpreter exits (torch 2.13), and on gloo that keeps the
-        # group's worker threads too; one still freeing the tensors of our own collectives (loss, evaluation, RNG
-        # gather) while Python shuts down aborts a finished run. So on gloo DDP gets a group of its own and the
-        # default group is torn down in main(). On NCCL, destroy_process_group shuts the communicators down
-        # itself, so one group serves (two-H100 runs, results/ddp/, all ended cleanly).
         on_gpu = run.device.startswith("cuda")
-        ddp_group = None if on_gpu else dist.new_group(backend="gloo")
-        device_ids = [torch.cuda.current_device()] if on_gpu else None
-        train_model = DDP(train_model, device_ids=device_ids, process_group=ddp_group)
+        train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if on_gpu else None)
         # Under DDP, torch.compile splits the model's graph at every 25 MB gradient bucket (its "DDPOptimizer"), so
         # that all-reduces overlap backward. We all-reduce once per optimizer step, after several micro-steps, so
         # there is little to overlap, while the split graph slowed every micro-step: 2 H100s ran at 0.94 (small
@@ -934,6 +934,7 @@ def main(config: TrainConfig, explicit_keys=None) -> dict:
     previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     for sig in previous_handlers:
         signal.signal(sig, request_stop)
+    run = None
     try:
         run, progress = setup(config, checkpoint, device, rank)
         checkpoint = None  # free the loaded tensors
@@ -949,7 +950,19 @@ def main(config: TrainConfig, explicit_keys=None) -> dict:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         if ddp:
-            dist.destroy_process_group()
+            close_process_group(run)
+
+
+def close_process_group(run: Run | None):
+    """
+    Free the process group, and so join its worker threads, inside destroy_process_group. Its Python object
+    frees it with the GIL released; DDP's reducer, if it held the last reference, would free it holding the GIL,
+    and wait forever on a gloo worker that is itself waiting for the GIL to drop a tensor of an earlier
+    collective (a hung CPU test, seen in py-spy). So the DDP wrapper goes first.
+    """
+    if run is not None:
+        run.train_model = None
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

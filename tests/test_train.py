@@ -134,6 +134,36 @@ def test_ddp_two_processes_match_one_with_same_global_batch(byte_data, tmp_path)
     assert_run_is_right_on_its_own(tmp_path / "two", byte_data, max_iters=6)
 
 
+def test_ddp_teardown_joins_gloo_threads_in_destroy_process_group(byte_data, tmp_path):
+    """train.py's DDP teardown frees the process group inside destroy_process_group, its worker threads joined
+    there: a gloo thread that lives on past it can abort the finished run at interpreter shutdown (1 CI run in
+    ~30) or deadlock against the thread that frees it (a hung test). Seen in the thread list, not left to luck."""
+    script = tmp_path / "list_threads_at_teardown.py"
+    script.write_text(
+        "import glob, os, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import torch.distributed as dist\n"
+        "import train\n"
+        "from configurator import parse_cli_explicit\n"
+        "destroy_process_group = dist.destroy_process_group\n"
+        "def destroy_and_list_threads(*args):\n"
+        "    destroy_process_group(*args)\n"
+        "    names = [open(path).read().strip() for path in glob.glob('/proc/self/task/*/comm')]\n"
+        f"    open(os.path.join({str(tmp_path)!r}, 'threads-' + os.environ['RANK']), 'w').write('\\n'.join(names))\n"
+        "dist.destroy_process_group = destroy_and_list_threads\n"
+        "train.main(*parse_cli_explicit(train.TrainConfig))\n"
+    )
+    settings = tiny(byte_data, tmp_path / "run", max_iters=2, eval_interval=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*torchrun, str(script), *cli(settings)], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        names = (tmp_path / f"threads-{rank}").read_text().split("\n")
+        assert names and not any("gloo" in name for name in names), (rank, names)
+
+
 def test_sigterm_to_torchruns_workers_saves_and_exits_0(byte_data, tmp_path):
     """As the README says: SIGTERM to the workers stops the run gracefully (all save once, torchrun exits 0);
     SIGTERM to torchrun itself also saves (torchrun passes it on), but torchrun exits 1 with a traceback."""
