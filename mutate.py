@@ -250,6 +250,10 @@ MUTATIONS = [
     Mutation("prepare_tokens_always_uint16", "prepare_openwebtext.py", "token files written as uint16 always",
              "dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32", "dtype = np.uint16",
              (UINT32,)),
+    Mutation("prepare_rate_from_rounded_seconds", "prepare_openwebtext.py",
+             "the overall MB/s divides by the splits' rounded seconds: 0.0 on a small corpus",
+             "/ 1e6 / tokenize_seconds, 3)", '/ 1e6 / sum(s["seconds"] for s in splits.values()), 3)',
+             ("tests/test_prepare.py::test_stats_of_splits_tokenized_in_under_a_millisecond",)),
     # ---- --attention=fa4
     Mutation("train_fa4_ignored", "train.py", "train.py --attention=fa4 trains with SDPA all the same",
              "        use_fa4(model)  # the bare model", "        pass  # the bare model",

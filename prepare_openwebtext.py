@@ -334,8 +334,11 @@ def _prepare(args, argv: list[str], out_dir: Path, tokenizer: Tokenizer) -> dict
     pool = multiprocessing.Pool(args.num_proc, _init_worker, (ds, tokenizer.name)) if args.num_proc > 1 else None
     _WORKER.update(ds=ds, tok=tokenizer)  # for the in-process path of --num_proc 1
     try:
+        t_tokenize = time.perf_counter()
         for name, rows in (("train", train_rows), ("val", val_rows)):
             splits[name] = write_split(pool, name, rows, nbytes, temps[f"{name}.bin"], args.num_proc)
+        # timed here, not summed from the splits' rounded seconds: those of a small corpus round to 0.0
+        tokenize_seconds = time.perf_counter() - t_tokenize
         meta = dict(tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size, eot_token=tokenizer.eot_token,
                     dtype=dtype, splits={name: {k: s[k] for k in ("documents", "tokens", "bytes")}
                                          for name, s in splits.items()},
@@ -353,12 +356,11 @@ def _prepare(args, argv: list[str], out_dir: Path, tokenizer: Tokenizer) -> dict
         _WORKER.clear()
         for path in temps.values():
             path.unlink(missing_ok=True)
-    total = sum(s["seconds"] for s in splits.values())
     return {
         **meta,
         "splits": splits,
         "load_seconds": round(load_seconds, 3),
-        "tokenize_mb_per_s": round(sum(s["bytes"] for s in splits.values()) / 1e6 / total, 3),
+        "tokenize_mb_per_s": round(sum(s["bytes"] for s in splits.values()) / 1e6 / tokenize_seconds, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "num_proc": args.num_proc,
         "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version()},

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import types
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,23 @@ def test_owt_sample_gpt2_exact_tokens_and_round_trip(tmp_path, owt_jsonl, tiktok
     stats = json.loads(stats_path.read_text())
     assert stats["num_proc"] == 2 and stats["splits"]["train"]["mb_per_s"] > 0
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS), "no temporary files left behind"
+
+
+def test_stats_of_splits_tokenized_in_under_a_millisecond(tmp_path, monkeypatch):
+    """Each split's seconds are rounded to 0.001 in the stats; on a tiny corpus they round to 0.0, and the overall
+    MB/s must not divide by them (a CI run once failed on this). A clock that ticks 10 µs a reading makes every
+    split that fast on any machine."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(prep, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 1e-5))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"short document {i}"}) + "\n" for i in range(8)))
+    stats_path = tmp_path / "stats.json"
+    args = ("--files", str(corpus), "--tokenizer", "byte", "--num_proc", "1", "--stats_json", str(stats_path))
+    assert run(tmp_path, *args) == 0
+    stats = json.loads(stats_path.read_text())
+    assert [split["seconds"] for split in stats["splits"].values()] == [0.0, 0.0]
+    corpus_bytes = sum(split["bytes"] for split in stats["splits"].values())
+    assert 0 < stats["tokenize_mb_per_s"] < corpus_bytes / 1e6 / 1e-5
 
 
 def test_dataset_path_goes_through_load_dataset(tmp_path):
