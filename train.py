@@ -961,7 +961,7 @@ def close_process_group(run: Run | None):
     collective (a hung CPU test, seen in py-spy). So the DDP wrapper goes first.
     """
     if run is not None:
-        run.train_model = None
+        run.train_model = run.model  # the bare model, without the DDP wrapper
     dist.destroy_process_group()
 
 

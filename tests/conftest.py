@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,23 @@ SHARED = REPO.parent / "shared"
 # the environment of scripts run as a user runs them: one thread per process (tests run several on 2 cores), and
 # output unbuffered, so that a test reading it line by line sees each line when it is printed
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_or_fail_if_hung(command: list[str], what: str, timeout: float) -> subprocess.CompletedProcess:
+    """
+    command as a user runs it (from the repo, SUBPROCESS_ENV), its output captured, in a process group of its own:
+    one still running after timeout seconds has hung, and the whole group (a pool's workers, torchrun's) is killed
+    and the test fails naming what hung, instead of leaving processes behind.
+    """
+    process = subprocess.Popen(command, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{what} hung (killed after {timeout:g} s)")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _require(path: Path, what: str) -> Path:

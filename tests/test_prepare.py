@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -13,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_or_fail_if_hung
 
 import prepare_openwebtext as prep
 from prepare_openwebtext import get_tokenizer, main
@@ -242,16 +242,8 @@ def test_demo_prepare_step_never_hangs(tmp_path):
             "--val_fraction", "0.1", "--num_proc", "8", "--out_dir", str(tmp_path / f"out{attempt}"),
             "--cache_dir", str(tmp_path / f"cache{attempt}"),
         ]  # fmt: skip
-        # a process group of its own, so that a hung run's workers are ended with it
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)  # fmt: skip
-        try:
-            _, stderr = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            pytest.fail(f"prepare hung on run {attempt + 1} of 12 (killed after 60 s)")
-        assert process.returncode == 0, stderr[-2000:]
+        result = run_or_fail_if_hung(command, f"prepare on run {attempt + 1} of 12", timeout=60)
+        assert result.returncode == 0, result.stderr[-2000:]
         assert (tmp_path / f"out{attempt}" / "meta.json").exists()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SUBPROCESS_ENV, random_hf_gpt2, write_byte_data
+from conftest import REPO, SUBPROCESS_ENV, random_hf_gpt2, run_or_fail_if_hung, write_byte_data
 from conftest import tiny_settings as tiny
 from torch.nn import functional as F
 
@@ -115,12 +115,10 @@ def test_tiny_model_learns(byte_data, tmp_path):
     assert checkpoint["model_args"]["vocab_size"] == 320  # 257 rounded up to a multiple of 64
 
 
-def torchrun_train(settings: dict) -> str:
-    """train.py under a 2-process torchrun (gloo on CPU); its stdout."""
+def torchrun_train(settings: dict, script: str = "train.py") -> str:
+    """train.py (or a script that runs train.main) under a 2-process torchrun (gloo on CPU); its stdout."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(
-        [*torchrun, "train.py", *cli(settings)], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True
-    )
+    result = run_or_fail_if_hung([*torchrun, script, *cli(settings)], f"torchrun {script}", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -153,12 +151,7 @@ def test_ddp_teardown_joins_gloo_threads_in_destroy_process_group(byte_data, tmp
         "dist.destroy_process_group = destroy_and_list_threads\n"
         "train.main(*parse_cli_explicit(train.TrainConfig))\n"
     )
-    settings = tiny(byte_data, tmp_path / "run", max_iters=2, eval_interval=2)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(
-        [*torchrun, str(script), *cli(settings)], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_train(tiny(byte_data, tmp_path / "run", max_iters=2, eval_interval=2), script=str(script))
     for rank in (0, 1):
         names = (tmp_path / f"threads-{rank}").read_text().split("\n")
         assert names and not any("gloo" in name for name in names), (rank, names)
