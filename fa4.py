@@ -12,6 +12,8 @@ flash_attn is imported only where a kernel runs (and by check_fa4), so this modu
 without it; registering the operators needs only torch.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -68,9 +70,11 @@ def check_fa4(device: str, dtype: str = "auto"):
 # one tensor as SDPA needs, and the backward writes the gradients of q and of the own K/V straight into one tensor,
 # the gradient of c_attn's output: separate gradients would be copied into one (a stack or cat kernel, 1.5% of GPT-2
 # small's step at 4K x 4 on an H100 for the plain layers' alone).
-# The price: two calls over fewer heads each keep the GPU a little less busy than one call over all heads (an H200
-# profile: +0.5 ms of FA4 kernel time per step at GPT-2 small 16K), about what the copies for one call cost; end to
-# end the two measured alike (README, issue 15). Copying inside the operator instead (aten's cat) was slower still.
+# The price: a call over a few heads leaves most SMs idle in its last waves (the 3 own heads of a GPT-2 small SLA layer
+# at skip 9), so the two calls run side by side on two CUDA streams, the second group's blocks filling the first's
+# tail. On one stream SLA's step took 1.3-1.8% longer than plain's at GPT-2 small 16K on an H100; on two, 0.1% less to
+# 0.1% more (results/bench-logs-h100/streams-ab.log). Copying the two K/V into one tensor for one call measured alike
+# with one stream, and copying inside the operator (aten's cat) slower still (README, issue 15).
 
 
 def _head_groups(qkv: Tensor, n_head: int, skip_k: Tensor | None, skip_v: Tensor | None):
@@ -88,6 +92,30 @@ def _head_groups(qkv: Tensor, n_head: int, skip_k: Tensor | None, skip_v: Tensor
     return q, [group for group in groups if group[0].stop > group[0].start], unattended
 
 
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}  # one per GPU, made on first use
+
+
+def _side_by_side(kernel_calls: list, device: torch.device):
+    """
+    Run each group's kernel calls (one or two); on a GPU the second group's on a side stream that starts after
+    everything queued before this operator and that the current stream waits for before anything queued after it.
+    """
+    if device.type != "cuda" or len(kernel_calls) == 1:
+        for call in kernel_calls:
+            call()
+        return
+    first, second = kernel_calls
+    main = torch.cuda.current_stream(device)
+    side = _side_streams.get(device)
+    if side is None:
+        side = _side_streams[device] = torch.cuda.Stream(device)
+    side.wait_stream(main)  # the inputs, and the outputs allocated (and zeroed) on the current stream
+    first()
+    with torch.cuda.stream(side):
+        second()
+    main.wait_stream(side)  # the outputs are read, and the side stream's inputs freed, after this
+
+
 @torch.library.custom_op("sla_gpt::fa4_forward", mutates_args=())
 def fa4_forward(qkv: Tensor, n_head: int, skip_k: Tensor | None, skip_v: Tensor | None) -> tuple[Tensor, Tensor]:
     """Causal attention: the output (B, T, n_head, head_dim) and the log-sum-exp of each row's scores (B, n_head, T)."""
@@ -95,8 +123,16 @@ def fa4_forward(qkv: Tensor, n_head: int, skip_k: Tensor | None, skip_v: Tensor 
 
     out, lse = _fa4_forward_fake(qkv, n_head, skip_k, skip_v)
     q, groups, _ = _head_groups(qkv, n_head, skip_k, skip_v)
-    for heads, k, v in groups:
-        _flash_attn_fwd(q[:, :, heads], k, v, causal=True, return_lse=True, out=out[:, :, heads], lse=lse[:, heads])
+    _side_by_side(
+        [
+            functools.partial(
+                _flash_attn_fwd, q[:, :, heads], k, v, causal=True, return_lse=True, out=out[:, :, heads],
+                lse=lse[:, heads],
+            )
+            for heads, k, v in groups
+        ],
+        qkv.device,
+    )  # fmt: skip
     return out, lse
 
 
@@ -122,11 +158,16 @@ def fa4_backward(
     dq, grad_groups, unattended = _head_groups(grads[0], n_head, *(grads[1:] or (None, None)))
     for grad in unattended:  # their gradient is the later layer's alone, added to this zero
         grad.zero_()
-    for (heads, k, v), (_, dk, dv) in zip(groups, grad_groups, strict=True):
-        _flash_attn_bwd(
-            q[:, :, heads], k, v, out[:, :, heads], dout[:, :, heads], lse[:, heads], causal=True,
-            dq=dq[:, :, heads], dk=dk, dv=dv,
-        )  # fmt: skip
+    _side_by_side(
+        [
+            functools.partial(
+                _flash_attn_bwd, q[:, :, heads], k, v, out[:, :, heads], dout[:, :, heads], lse[:, heads],
+                causal=True, dq=dq[:, :, heads], dk=dk, dv=dv,
+            )
+            for (heads, k, v), (_, dk, dv) in zip(groups, grad_groups, strict=True)
+        ],
+        qkv.device,
+    )  # fmt: skip
     return grads
 
 

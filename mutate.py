@@ -293,6 +293,17 @@ MUTATIONS = [
              "later layer reads uninitialised",
              "        grad.zero_()\n", "        pass\n",
              ("tests/test_fa4.py::test_use_fa4_trains_as_sdpa",)),
+    Mutation("fa4_side_stream_starts_early", "fa4.py", "the side stream does not wait for the current one: FA4's "
+             "second head group may read its inputs before they are written",
+             "    side.wait_stream(main)", "    pass",
+             ("tests/test_fa4.py::test_second_head_group_runs_on_a_side_stream_joined_both_ways",)),
+    Mutation("fa4_side_stream_not_joined", "fa4.py", "the current stream does not wait for the side stream: later "
+             "kernels may read the second head group's outputs before they are written",
+             "    main.wait_stream(side)", "    pass",
+             ("tests/test_fa4.py::test_second_head_group_runs_on_a_side_stream_joined_both_ways",)),
+    Mutation("fa4_one_stream", "fa4.py", "both FA4 head groups run on the current stream, one after the other",
+             "    with torch.cuda.stream(side):\n        second()", "    if True:\n        second()",
+             ("tests/test_fa4.py::test_second_head_group_runs_on_a_side_stream_joined_both_ways",)),
     Mutation("bench_fixed_order", "bench.py", "bench.py times the models in one order every round (clock drift "
              "favours the model timed first)",
              "group if number % 2 == 0 else group[::-1]", "group",

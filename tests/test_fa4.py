@@ -3,6 +3,7 @@
 --attention=fa4 run through it, a run may switch attention on resume, sample.py and the scripts need no flash_attn,
 and the attention key's errors. The real kernels are checked against SDPA in tests/test_gpu.py."""
 
+import contextlib
 import json
 import math
 import subprocess
@@ -141,6 +142,50 @@ def test_use_fa4_trains_as_sdpa(flash_attn_stand_in, sla, backend):
     with torch.no_grad():
         model.generate(idx[:, :5], 3)
     assert flash_attn_stand_in == {"forward": 2 * calls, "backward": calls, "backward into one tensor": 4}
+
+
+def test_second_head_group_runs_on_a_side_stream_joined_both_ways(monkeypatch):
+    """On a GPU an SLA layer's second group of heads runs on a side stream, beside the first group on the current
+    stream: the side stream waits for the current one before its kernels and the current one for the side stream
+    after them (either wait missing is a race: FA4 reading inputs not yet written, or later kernels reading outputs
+    not yet written). One side stream per GPU, made once; CPU tensors and a lone group stay on the current stream.
+    CUDA's stream API is replaced by fakes that record the order: no GPU needed."""
+    events, made, current = [], [], ["main"]
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    @contextlib.contextmanager
+    def stream(on):
+        previous, current[0] = current[0], on.name
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    main_stream = FakeStream("main")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main_stream)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(device) or FakeStream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(fa4, "_side_streams", {})
+
+    def kernels(*groups):
+        return [lambda group=group: events.append(f"{group} on {current[0]}") for group in groups]
+
+    gpu = torch.device("cuda", 0)
+    for _ in range(2):
+        events.clear()
+        fa4._side_by_side(kernels("skip heads", "own heads"), gpu)
+        assert events == ["side waits for main", "skip heads on main", "own heads on side", "main waits for side"]
+    assert made == [gpu]
+    events.clear()
+    fa4._side_by_side(kernels("skip heads", "own heads"), torch.device("cpu"))
+    fa4._side_by_side(kernels("own heads"), gpu)
+    assert events == ["skip heads on main", "own heads on main", "own heads on main"]
 
 
 def read_log(out_dir) -> list[dict]:

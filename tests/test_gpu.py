@@ -220,6 +220,30 @@ def test_fa4_attention_matches_flash_sdpa_in_bf16(sla, compiled):
     assert relative_error < 5e-2
 
 
+def bf16_training_step(model, idx):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = model(idx[:, :-1], idx[:, 1:], return_logits=False)
+    loss.backward()
+    torch.cuda.synchronize()
+
+
+def test_fa4_runs_an_sla_layers_two_head_groups_on_two_streams():
+    """An SLA model's FA4 kernels, forward and backward, run on two CUDA streams (fa4._side_by_side), a plain model's
+    on one: FA4 launches on PyTorch's current stream, which fa4.py's stream order (tested on the CPU) relies on."""
+    fa4_or_skip()
+    idx = torch.randint(0, 50257, (1, 1025), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    streams = {}
+    for sla in (False, True):
+        model = use_fa4(small_sla_model(sla=sla).train())
+        bf16_training_step(model, idx)  # FA4 compiles its kernels
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            bf16_training_step(model, idx)
+        kernels = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+        streams[sla] = {event.device_resource_id for event in kernels if "flash" in event.name}
+    print(f"streams of FA4's kernels: plain {streams[False]}, SLA {streams[True]}")
+    assert len(streams[False]) == 1 and len(streams[True]) == 2
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_train_py_trains_with_fa4(tmp_path, monkeypatch, compiled):
     """train.py --attention=fa4 on a tiny SLA model (head_dim 64, bf16): its model is routed through FA4, and its
