@@ -19,13 +19,18 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1
-RESULTS=${RESULTS:-results/sla-ablation-16k}  # the campaign's logs: a run logged here is done
+ABLATION=small-16k
+case ${1:-} in small-16k|medium-8k) ABLATION=$1; shift ;; esac
+case $ABLATION in
+    small-16k) CONFIG=config/sla_ablation_16k.py; ARMS="plain sla-skip9 sla-skip3 sla-skip1" ;;
+    medium-8k) CONFIG=config/sla_ablation_medium_8k.py; ARMS="plain sla-skip9 sla-skip15" ;;
+esac
+RESULTS=${RESULTS:-results/sla-ablation-${ABLATION#small-}}  # the campaign's logs: a run logged here is done
 LOG_DEST=${LOG_DEST:-$RESULTS}
 WORK=${WORK:-/tmp/sla-ablation}
 DATA=${DATA:-$WORK/pysrc}  # prepared here unless it holds a meta.json
 PYTHON=${PYTHON:-python3}
 EXTRA_ARGS=${EXTRA_ARGS:-}  # appended to every train.py call, e.g. a tiny CPU model to check this script
-ARMS="plain sla-skip9 sla-skip3 sla-skip1"
 mkdir -p "$LOG_DEST" "$WORK"
 
 if [ ! -f "$DATA/meta.json" ]; then
@@ -55,6 +60,15 @@ best_sla_arm() {  # the SLA arm with the lowest mean final val/loss@16384 over t
 
 pending() {
     local seed arm order=""
+    if [ $ABLATION = medium-8k ]; then
+        for seed in 1 2 3 4; do
+            for arm in $ARMS; do order="$order $arm-seed$seed"; done
+        done
+        for run in $order; do
+            [ -f "$RESULTS/$run.jsonl" ] || [ -f "$LOG_DEST/$run.jsonl" ] || echo "$run"
+        done
+        return
+    fi
     for seed in 1 2; do
         for arm in $ARMS; do order="$order $arm-seed$seed"; done
     done
@@ -72,9 +86,13 @@ pending() {
 
 train() {  # run name, GPU index
     local run=$1 arm=${1%-seed*} seed=${1##*-seed} sla_flags="--sla=False"
-    [ "$arm" != plain ] && sla_flags="--sla --sla_skip=${arm#sla-skip}"
+    if [ "$arm" != plain ]; then  # sla-skip<N>[-ratio<R>]
+        local skip=${arm#sla-skip}
+        sla_flags="--sla --sla_skip=${skip%%-*}"
+        [[ $arm == *-ratio* ]] && sla_flags="$sla_flags --sla_head_ratio=${arm##*-ratio}"
+    fi
     rm -rf "${WORK:?}/$run"
-    CUDA_VISIBLE_DEVICES=$2 $PYTHON train.py config/sla_ablation_16k.py $sla_flags --seed="$seed" \
+    CUDA_VISIBLE_DEVICES=$2 $PYTHON train.py $CONFIG $sla_flags --seed="$seed" \
         --data_dir="$DATA" --out_dir="$WORK/$run" $EXTRA_ARGS > "$WORK/$run.txt" 2>&1 \
         || { tail -n 30 "$WORK/$run.txt"; echo "== $run failed (GPU $2)"; return 1; }
     cp "$WORK/$run/log.jsonl" "$LOG_DEST/$run.jsonl"
