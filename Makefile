@@ -29,7 +29,7 @@ test: lint
 	$(BIN)/pytest -q
 
 mutate: setup
-	$(BIN)/python mutate.py
+	$(BIN)/python tools/mutate.py
 
 # Re-runnable: the prepared data is reused, and each model resumes from its checkpoint (a finished one has nothing
 # left to train) or, without one, starts afresh. DEMO_ARGS go to both training runs, e.g. a quick check:

@@ -1,4 +1,4 @@
-"""sla_ablation.sh as the campaign runs it: call after call, each starting the runs not yet logged."""
+"""experiments/sla_ablation.sh as the campaign runs it: call after call, each starting the runs not yet logged."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import REPO, SUBPROCESS_ENV
 
-TINY = (  # issue 14's config with a model and a run small enough for a CPU
+TINY = (  # the 16K ablation's config with a model and a run small enough for a CPU
     "--device=cpu --dtype=float32 --compile=False --n_layer=10 --n_head=4 --n_embd=32 --block_size=64 --batch_size=2"
     " --max_iters=2 --eval_interval=2 --eval_iters=1 --final_eval_iters=1 --warmup_iters=1 --lr_decay_iters=2"
     " --log_interval=1"
@@ -25,7 +25,9 @@ def campaign_call(results: Path, log_dest: Path, work: Path, data: Path) -> str:
         "EXTRA_ARGS": TINY,
         "CUDA_VISIBLE_DEVICES": "",
     }
-    done = subprocess.run(["bash", str(REPO / "sla_ablation.sh")], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", str(REPO / "experiments" / "sla_ablation.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 

@@ -2,15 +2,16 @@
 Mutation testing: apply small, plausible bugs to model.py, train.py and the scripts, one at a time, in a scratch copy
 of the repo; run the tests that ought to catch each; report which survive.
 
-    python mutate.py                          # every mutation; writes results/mutation-report.md
-    python mutate.py --only no_clip,lr_constant
-    python mutate.py --list                   # names, files and bugs, nothing run
-    python mutate.py --full                   # the whole suite against each mutant (about 2 min each on 2 cores)
+    python tools/mutate.py                    # every mutation; writes results/mutation/report.md
+    python tools/mutate.py --only no_clip,lr_constant
+    python tools/mutate.py --list             # names, files and bugs, nothing run
+    python tools/mutate.py --full             # the whole suite against each mutant (about 2 min each on 2 cores)
 
-A curated list of the bugs that matter (issue 17's, and others of the same kind), not a tool's exhaustive operator
-mutants: mutmut's hundreds of mutants of model.py and train.py, each against a suite of a minute or two, would take
-hours on 2 cores. A mutation whose `before` text is no longer in its file is reported as stale: update it when the
-code moves. Exit status 0 when every mutant is caught, 1 otherwise. The working tree is never modified.
+A curated list of the bugs that matter (those found in review, and others of the same kind), not a tool's
+exhaustive operator mutants: mutmut's hundreds of mutants of model.py and train.py, each against a suite of a minute
+or two, would take hours on 2 cores. A mutation whose `before` text is no longer in its file is reported as stale:
+update it when the code moves. Exit status 0 when every mutant is caught, 1 otherwise. The working tree is never
+modified.
 """
 
 import argparse
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # tools/ sits in the repo root
 PT = "tests/test_promises_train.py"
 PM = "tests/test_promises_model.py"
 SCHEDULE = f"{PT}::test_learning_rate_schedule_values"
@@ -354,7 +355,7 @@ def write_report(path: Path, rows: list[dict], started: datetime.datetime, full:
     lines = [
         "# Mutation report",
         "",
-        f"`python mutate.py{' --full' if full else ''}` (`make mutate`) on {started:%Y-%m-%d %H:%M} UTC, commit "
+        f"`python tools/mutate.py{' --full' if full else ''}` (`make mutate`) on {started:%Y-%m-%d %H:%M} UTC, commit "
         f"{commit.stdout.strip()}{' with uncommitted changes' if dirty else ''}, {seconds / 60:.1f} min: "
         f"**{counts['caught']} of {len(rows)} mutants caught**, {counts['SURVIVED']} survived, "
         f"{counts['stale']} stale.",
@@ -379,7 +380,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="comma-separated mutant names")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--full", action="store_true", help="run the whole suite against each mutant")
-    parser.add_argument("--report", default="results/mutation-report.md", help="'' writes none")
+    parser.add_argument("--report", default="results/mutation/report.md", help="'' writes none")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per mutant")
     args = parser.parse_args(argv)
 

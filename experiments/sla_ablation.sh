@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# Issue 14: does SLA lower validation loss at 16K, and under which reading of "skip layers"? GPT-2 small at 16K,
+# Does SLA lower validation loss at 16K, and under which reading of "skip layers"? GPT-2 small at 16K,
 # plain against SLA (9 of 12 heads) with sla_skip 9, 3 and 1, several seeds; 65.5M tokens per run, one GPU each.
 #
-#   bash sla_ablation.sh                    # the next runs not yet in results/sla-ablation-16k/, one per GPU
-#   bash sla_ablation.sh sla-skip3-seed2    # this run only (names: <arm>-seed<N>)
+#   bash experiments/sla_ablation.sh                    # the next runs not yet in results/sla-ablation-16k/
+#   bash experiments/sla_ablation.sh sla-skip3-seed2    # this run only (names: <arm>-seed<N>)
 #   python plot_results.py --ablation results/sla-ablation-16k --png results/sla-ablation-16k/ablation.png
 #
-# The campaign spans GPU sessions: a run whose log already sits in results/sla-ablation-16k/ is done, so each call
+# The campaign spans several GPU calls: a run whose log already sits in results/sla-ablation-16k/ is done, so each call
 # starts the next ones in this order: seed 1 of every arm, then seed 2, then seeds 3 and 4 of plain and of the SLA
 # arm with the lowest mean final val/loss@16384 over seeds 1 and 2 (at the seed spread of seeds 1 and 2, the
-# paired t-test needs about 4 seeds to tell a gap of 0.02; README). As many runs start at once as there are GPUs
+# paired t-test needs about 4 seeds to tell a gap of 0.02; RESULTS.md). As many runs start at once as there are GPUs
 # (MAX_RUNS to change). Corpus: the Python sources of this Python's site-packages, gpt2 tokens, files in sorted
-# path order (a package's files next to each other), 2.5% of the files held out; the first session records its
-# token counts, and a later session whose corpus differs stops. New logs go to $LOG_DEST. On a device whose output
+# path order (a package's files next to each other), 2.5% of the files held out; the first call records its
+# token counts, and a later call whose corpus differs stops. New logs go to $LOG_DEST. On a device whose output
 # folder starts empty at each call, keep LOG_DEST (and WORK, the prepared corpus) on the machine's own disk and copy
 # the logs out after each call: the next call on the same machine then starts the runs after them. Needs datasets
 # (prepare) and tiktoken's BPE files (TIKTOKEN_CACHE_DIR offline).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repo root, from wherever the script is called
 export PYTHONUNBUFFERED=1
 ABLATION=small-16k
 case ${1:-} in small-16k|medium-8k) ABLATION=$1; shift ;; esac
@@ -38,7 +38,7 @@ if [ ! -f "$DATA/meta.json" ]; then
     $PYTHON prepare_openwebtext.py --files "$SITE/**/*.py" --encoding_errors replace --val_fraction 0.025 \
         --out_dir "$DATA" --stats_json "$WORK/prepare-pysrc.json"
 fi
-# every run of the campaign must see the same corpus: compare token counts with the first session's
+# every run of the campaign must see the same corpus: compare token counts with the first call's
 $PYTHON - "$DATA/meta.json" "$RESULTS/prepare-pysrc.json" "$LOG_DEST/prepare-pysrc.json" <<'EOF'
 import json, os, shutil, sys
 meta_path, recorded_path, dest = sys.argv[1:]

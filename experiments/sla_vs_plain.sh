@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Issue 8: plain vs SLA GPT-2 small at 4K, 8K and 16K context on one GPU, same token budget, seed and data.
+# Plain vs SLA GPT-2 small at 4K, 8K and 16K context on one GPU, same token budget, seed and data.
 #
-#   bash sla_vs_plain.sh                  # every run not yet in results/sla-vs-plain/
-#   bash sla_vs_plain.sh 16384-1338       # only the runs whose name contains this
+#   bash experiments/sla_vs_plain.sh              # every run not yet in results/sla-vs-plain/
+#   bash experiments/sla_vs_plain.sh 16384-1338   # only the runs whose name contains this
 #
 # Corpus: the Python sources in this Python's site-packages (gpt2 tokens, validation split by file), and every
 # final model is also scored on OpenWebText documents (OWT_JSONL). A run whose log already sits in
-# results/sla-vs-plain/ is skipped, so the script resumes across GPU sessions (a run cut off before its log was
-# copied there starts afresh: --overwrite=True); new logs go to $LOG_DEST
-# (default results/sla-vs-plain). Needs datasets (prepare) and TIKTOKEN_CACHE_DIR offline.
+# results/sla-vs-plain/ is skipped, so the script resumes across calls on GPU machines (a run cut off before its
+# log was copied there starts afresh: --overwrite=True); new logs go to $LOG_DEST (default results/sla-vs-plain).
+# Needs datasets (prepare) and TIKTOKEN_CACHE_DIR offline.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repo root, from wherever the script is called
 RESULTS=results/sla-vs-plain
 LOG_DEST=${LOG_DEST:-$RESULTS}
 WORK=${WORK:-/tmp/sla-vs-plain}

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Issue 16: DDP on two GPUs (torchrun, NCCL) against one GPU, with the README's commands.
+# DDP on two GPUs (torchrun, NCCL) against one GPU, with the README's commands.
 #
-#   bash ddp_gpus.sh parity    # loss parity, checkpoints (SIGTERM, resume on 2 GPUs and on 1), evaluation
-#   bash ddp_gpus.sh scaling   # tokens/s on 2 GPUs over 2 x tokens/s on 1, small 16K and medium 8K
-#   bash ddp_gpus.sh report    # results/ddp/summary.json and a table, from the logs in results/ddp
+#   bash experiments/ddp_gpus.sh parity    # loss parity, checkpoints (SIGTERM, resume on 2 GPUs and on 1), evaluation
+#   bash experiments/ddp_gpus.sh scaling   # tokens/s on 2 GPUs over 2 x tokens/s on 1, small 16K and medium 8K
+#   bash experiments/ddp_gpus.sh report    # results/ddp/summary.json and a table, from the logs in results/ddp
 #
 # Corpus: the Python sources of this Python's site-packages, gpt2 tokens (as in sla_ablation.sh). Logs go to
 # $LOG_DEST (default results/ddp); scratch runs to $WORK. Needs 2 GPUs, datasets (prepare) and tiktoken's files.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repo root, from wherever the script is called
 # NVLink multicast off: on shared hosts it can take the GPUs out of service (also for processes torchrun starts)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 LOG_DEST=${LOG_DEST:-results/ddp}
