@@ -3,8 +3,8 @@ Training-step time, peak memory and decode speed of plain GPT-2, its SLA variant
 measured side by side in one process.
 
     python bench.py --shapes=tiny:64:2 --device=cpu                                     # a quick CPU check
-    python bench.py --peer=.carry/nanogpt --shapes=small:4096:4,medium:8192:1 --compile --sla_skips=9 \
-        --out=results/bench-sdpa-vs-nanogpt-h100.jsonl
+    python bench.py --peer=../nanoGPT --shapes=small:4096:4,medium:8192:1 --compile --sla_skips=9 \
+        --out=results/speed/bench-sdpa-vs-nanogpt-h100.jsonl
 
 A shape is model:block_size:batch_size with model one of MODELS. For each shape the plain model, nanoGPT's GPT
 (--peer=DIR: DIR/model.py loaded by path, built with the same shape, bias and vocabulary, dropout 0) and one SLA

@@ -73,8 +73,8 @@ def check_fa4(device: str, dtype: str = "auto"):
 # The price: a call over a few heads leaves most SMs idle in its last waves (the 3 own heads of a GPT-2 small SLA layer
 # at skip 9), so the two calls run side by side on two CUDA streams, the second group's blocks filling the first's
 # tail. On one stream SLA's step took 1.3-1.8% longer than plain's at GPT-2 small 16K on an H100; on two, 0.4% less to
-# 0.1% more (results/bench-logs-h100/streams-ab.log). Copying the two K/V into one tensor for one call measured alike
-# with one stream, and copying inside the operator (aten's cat) slower still (README, issue 15).
+# 0.1% more (results/speed/streams-ab.log, tools/fa4_streams_ab.py). Copying the two K/V into one tensor for one
+# call measured alike with one stream, and copying inside the operator (aten's cat) slower still.
 
 
 def _head_groups(qkv: Tensor, n_head: int, skip_k: Tensor | None, skip_v: Tensor | None):
