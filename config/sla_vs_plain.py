@@ -1,4 +1,4 @@
-# Issue 8's small-scale comparison of plain and SLA GPT-2 small (run by sla_vs_plain.sh, one GPU).
+# A small-scale comparison of plain and SLA GPT-2 small (run by experiments/sla_vs_plain.sh, one GPU).
 # Every run: 16,384 tokens per optimizer step (4 x 4096, 2 x 8192 or 1 x 16384 via --block_size/--batch_size),
 # 1,000 steps = 16.4M training tokens, the same seed and so the same windows for a plain run and its SLA twin.
 n_layer = 12
