@@ -326,6 +326,10 @@ MUTATIONS = [
              "whose mean is above ratio 0.75's",
              '--among sla-skip9 "$arm")" = "$arm" ]', '--among sla-skip9 "$arm")" != none ]',
              ("tests/test_sla_ablation.py::test_head_ratio_runs_follow_the_skip_arms_and_extend_a_ratio_that_beats_0_75",)),
+    Mutation("cost_flops_without_unread_kv", "plot_results.py", "the cost table counts the K/V rows that SLA "
+             "layers leave out of c_attn",
+             "(flops - 6 * unread_kv_rows * sla.n_embd) / flops", "1.0",
+             ("tests/test_plot_results.py::test_cost_table_counts_the_unread_kv_of_each_arm",)),
 ]  # fmt: skip
 
 

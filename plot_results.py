@@ -47,8 +47,9 @@ def read_run(path: str) -> dict:
         final.update(
             {k: v for k, v in record.items() if "/loss@" in k and "/pos" not in k and not k.startswith("train/")}
         )
+    model_args = next((r["model_args"] for r in records if "model_args" in r), None)
     return {"name": log.parent.name if log.name == "log.jsonl" else log.stem, "config": configs[0], "evals": evals,
-            "final": final}  # fmt: skip
+            "final": final, "model_args": model_args}  # fmt: skip
 
 
 def pair_runs(runs: list[dict]) -> list[tuple[dict | None, dict | None]]:
@@ -264,6 +265,47 @@ def ablation_table(summary: dict, length: int) -> str:
     return "\n".join(lines)
 
 
+def cost_against_plain(model_args: dict) -> tuple[int, float, float]:
+    """
+    Skip heads per SLA layer, and the KV cache and training FLOPs per token over those of the same model without SLA.
+    SLA layers neither cache nor compute (c_attn leaves out their rows) the K/V of skip heads that no later layer
+    reads; a lower skip-head ratio saves less of both.
+    """
+    import dataclasses
+
+    import torch
+
+    from model import GPT, GPTConfig
+
+    known = {field.name for field in dataclasses.fields(GPTConfig)}
+    sla = GPTConfig(**{key: value for key, value in model_args.items() if key in known})
+    plain = dataclasses.replace(sla, sla=False)
+    kv = sla.kv_cache_bytes_per_token(torch.bfloat16) / plain.kv_cache_bytes_per_token(torch.bfloat16)
+    with torch.device("meta"):  # the parameter count without allocating the weights
+        flops = GPT(plain).flops_per_token()
+    head_dim = sla.n_embd // sla.n_head
+    unread_kv_rows = sum(2 * sla.first_cached_head(layer) * head_dim for layer in range(sla.n_layer))
+    return sla.n_skip_heads, kv, (flops - 6 * unread_kv_rows * sla.n_embd) / flops
+
+
+def cost_table(arms: dict) -> str:
+    """Per SLA arm: what it saves per token against plain (from its first seed's model configuration)."""
+    lines = [
+        "Cost per token against plain: KV cache while decoding, training FLOPs (6 per parameter plus attention).",
+        "",
+        "| arm | skip heads | KV cache | training FLOPs |",
+        "|---|---:|---:|---:|",
+    ]
+    for arm in sorted(a for a in arms if a != "plain"):
+        model_args = arms[arm][min(arms[arm])]["model_args"]
+        if model_args is None:
+            lines.append(f"| {arm} | – | – | – |")
+            continue
+        skip_heads, kv, flops = cost_against_plain(model_args)
+        lines.append(f"| {arm} | {skip_heads} of {model_args['n_head']} | {kv:.4f}× | {flops:.4f}× |")
+    return "\n".join(lines)
+
+
 def paired_gaps(arms: dict, arm: str, metric: str) -> dict[int, dict[int, float]]:
     """{seed: {training tokens: SLA − plain}} at every evaluation (after the first) that both runs of a seed logged."""
     curve = lambda run: {r["tokens"]: r[metric] for r in run["evals"] if metric in r and r["iter"]}  # noqa: E731
@@ -427,7 +469,7 @@ def main(argv=None):
             verdict = "yes" if told_apart(differences).startswith("yes") else "no"
             print(verdict)
             return verdict
-        table = ablation_table(summary, length) + "\n\n" + gap_table(arms, length)
+        table = "\n\n".join((ablation_table(summary, length), cost_table(arms), gap_table(arms, length)))
         print(table)
         if args.table:
             Path(args.table).write_text(table + "\n")

@@ -208,3 +208,23 @@ def test_told_apart_and_best_among_arms(ablation_dir):
         plot_results.main(["--ablation", str(ablation_dir), "--told_apart", "plain"])
     with pytest.raises(SystemExit, match=r"no log yet of \['sla-skip7'\]"):
         plot_results.main(["--ablation", str(ablation_dir), "--best_sla_arm", "--among", "sla-skip1", "sla-skip7"])
+
+
+def test_cost_table_counts_the_unread_kv_of_each_arm(ablation_dir):
+    """3 layers of 4 heads, 3 skip heads: the skip heads' own K/V of the last layer are read by no one (sla_skip 1:
+    layer 2's; sla_skip 2: layer 2's, its only SLA layer), so 9 of 12 heads' K/V are cached and computed."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    table = plot_results.main(["--ablation", str(ablation_dir)])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in table.split("Cost per token")[1].split("SLA − plain, ")[0].splitlines()
+            if line.startswith("| sla-")}  # fmt: skip
+    plain_args = json.loads((ablation_dir / "plain-seed1.jsonl").read_text().splitlines()[0])["model_args"]
+    flops = GPT(GPTConfig(**plain_args)).flops_per_token()
+    n_embd = plain_args["n_embd"]
+    unread = 6 * 2 * 3 * (n_embd // 4) * n_embd  # K and V rows of 3 heads, forward and backward
+    for arm in ("sla-skip1", "sla-skip2"):
+        assert rows[arm][1:] == ["3 of 4", "0.7500×", f"{(flops - unread) / flops:.4f}×"]
+    assert torch.tensor(0).device.type == "cpu"  # the meta-device count left the default device alone
