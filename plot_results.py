@@ -10,7 +10,12 @@ their config except the SLA settings, out_dir and wandb names, so a pair differs
 
 --ablation reads a folder of <arm>-seed<N>.jsonl logs (arm: plain, or an SLA setting such as sla-skip3) and
 compares every SLA arm with plain over seeds: the final loss at the longest evaluated length, overall and by
-position in the window, as mean ± standard deviation over seeds, and the SLA − plain difference paired by seed.
+position in the window, as mean ± standard deviation over seeds, and the SLA − plain difference paired by seed,
+also at every evaluation during training (does SLA's effect grow, shrink or change sign as training goes on?).
+
+    python plot_results.py --gap results/sla-ablation-16k results/sla-ablation-medium-8k [--png gap.png]
+
+--gap puts that gap against training tokens for several ablations side by side.
 """
 
 import argparse
@@ -42,8 +47,9 @@ def read_run(path: str) -> dict:
         final.update(
             {k: v for k, v in record.items() if "/loss@" in k and "/pos" not in k and not k.startswith("train/")}
         )
+    model_args = next((r["model_args"] for r in records if "model_args" in r), None)
     return {"name": log.parent.name if log.name == "log.jsonl" else log.stem, "config": configs[0], "evals": evals,
-            "final": final}  # fmt: skip
+            "final": final, "model_args": model_args}  # fmt: skip
 
 
 def pair_runs(runs: list[dict]) -> list[tuple[dict | None, dict | None]]:
@@ -192,12 +198,14 @@ def ablation_summary(arms: dict, length: int) -> dict:
     return summary
 
 
-def best_sla_arm(summary: dict) -> str:
+def best_sla_arm(summary: dict, among: list[str] | None = None) -> str:
     """
-    The SLA arm with the lowest mean final loss over the seeds that every SLA arm has: seeds differ in how hard they
-    are (plain's differ by 0.04), so an arm's extra seeds must not move the ranking.
+    The SLA arm (of `among`, default all) with the lowest mean final loss over the seeds that each of them has:
+    seeds differ in how hard they are (plain's differ by 0.04), so an arm's extra seeds must not move the ranking.
     """
-    sla_arms = {arm: entry for arm, entry in summary.items() if arm != "plain"}
+    sla_arms = {arm: entry for arm, entry in summary.items() if arm != "plain" and (among is None or arm in among)}
+    if among is not None and len(sla_arms) < len(set(among)):
+        raise SystemExit(f"error: no log yet of {sorted(set(among) - set(sla_arms))}")
     if not sla_arms:
         raise SystemExit("error: no SLA arm has a log yet")
     common_seeds = set.intersection(*(set(entry["final"]) for entry in sla_arms.values()))
@@ -257,6 +265,125 @@ def ablation_table(summary: dict, length: int) -> str:
     return "\n".join(lines)
 
 
+def cost_against_plain(model_args: dict) -> tuple[int, float, float]:
+    """
+    Skip heads per SLA layer, and the KV cache and training FLOPs per token over those of the same model without SLA.
+    SLA layers neither cache nor compute (c_attn leaves out their rows) the K/V of skip heads that no later layer
+    reads; a lower skip-head ratio saves less of both.
+    """
+    import dataclasses
+
+    import torch
+
+    from model import GPT, GPTConfig
+
+    known = {field.name for field in dataclasses.fields(GPTConfig)}
+    sla = GPTConfig(**{key: value for key, value in model_args.items() if key in known})
+    plain = dataclasses.replace(sla, sla=False)
+    kv = sla.kv_cache_bytes_per_token(torch.bfloat16) / plain.kv_cache_bytes_per_token(torch.bfloat16)
+    with torch.device("meta"):  # the parameter count without allocating the weights
+        flops = GPT(plain).flops_per_token()
+    head_dim = sla.n_embd // sla.n_head
+    unread_kv_rows = sum(2 * sla.first_cached_head(layer) * head_dim for layer in range(sla.n_layer))
+    return sla.n_skip_heads, kv, (flops - 6 * unread_kv_rows * sla.n_embd) / flops
+
+
+def cost_table(arms: dict) -> str:
+    """Per SLA arm: what it saves per token against plain (from its first seed's model configuration)."""
+    lines = [
+        "Cost per token against plain: KV cache while decoding, training FLOPs (6 per parameter plus attention).",
+        "",
+        "| arm | skip heads | KV cache | training FLOPs |",
+        "|---|---:|---:|---:|",
+    ]
+    for arm in sorted(a for a in arms if a != "plain"):
+        model_args = arms[arm][min(arms[arm])]["model_args"]
+        if model_args is None:
+            lines.append(f"| {arm} | – | – | – |")
+            continue
+        skip_heads, kv, flops = cost_against_plain(model_args)
+        lines.append(f"| {arm} | {skip_heads} of {model_args['n_head']} | {kv:.4f}× | {flops:.4f}× |")
+    return "\n".join(lines)
+
+
+def paired_gaps(arms: dict, arm: str, metric: str) -> dict[int, dict[int, float]]:
+    """{seed: {training tokens: SLA − plain}} at every evaluation (after the first) that both runs of a seed logged."""
+    curve = lambda run: {r["tokens"]: r[metric] for r in run["evals"] if metric in r and r["iter"]}  # noqa: E731
+    gaps = {}
+    for seed in sorted(set(arms[arm]) & set(arms["plain"])):
+        sla, plain = curve(arms[arm][seed]), curve(arms["plain"][seed])
+        gaps[seed] = {tokens: sla[tokens] - plain[tokens] for tokens in sorted(sla.keys() & plain.keys())}
+    return gaps
+
+
+def gap_table(arms: dict, length: int) -> str:
+    """SLA − plain at `length` at every evaluation: mean ± sd over the seeds that reached it, per SLA arm."""
+    metric = f"val/loss@{length}"
+    sla_arms = sorted(arm for arm in arms if arm != "plain")
+    gaps = {arm: paired_gaps(arms, arm, metric) for arm in sla_arms}
+    tokens = sorted({t for arm in sla_arms for g in gaps[arm].values() for t in g})
+    if not tokens:
+        return f"SLA − plain at every evaluation ({metric}): no SLA arm paired with plain yet."
+    lines = [
+        f"SLA − plain, {metric}, at every evaluation during training: mean ± sd over seeds (paired by seed; the last"
+        " evaluation is the final one, on more validation tokens).",
+        "",
+        "| arm | seeds | " + " | ".join(f"{t / 1e6:.1f}M tokens" for t in tokens) + " |",
+        "|---|---|" + "---:|" * len(tokens),
+    ]
+    for arm in sla_arms:
+        cells = [[g[t] for g in gaps[arm].values() if t in g] for t in tokens]
+        lines.append(
+            f"| {arm} | {', '.join(map(str, gaps[arm]))} | "
+            + " | ".join(_pm(values, signed=True) if values else "–" for values in cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def plot_gaps(folders: list[str], png: str):
+    """One panel per ablation folder: SLA − plain at its longest length against training tokens, the mean over
+    seeds (line) and ± one sd (band), per SLA arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(folders), figsize=(6.5 * len(folders), 4.8), squeeze=False, sharey=True)
+    for ax, folder in zip(axes[0], folders, strict=True):
+        arms = read_ablation(folder)
+        length = longest_length(arms)
+        for arm in sorted(a for a in arms if a != "plain"):
+            gaps = paired_gaps(arms, arm, f"val/loss@{length}")
+            tokens = sorted(set.intersection(*(set(g) for g in gaps.values()))) if gaps else []
+            if not tokens:
+                continue
+            means = [statistics.mean(g[t] for g in gaps.values()) for t in tokens]
+            spreads = [statistics.stdev(g[t] for g in gaps.values()) if len(gaps) > 1 else 0.0 for t in tokens]
+            millions = [t / 1e6 for t in tokens]
+            line = ax.plot(millions, means, marker="o", label=f"{arm} ({len(gaps)} seeds)")[0]
+            low = [mean - spread for mean, spread in zip(means, spreads, strict=True)]
+            high = [mean + spread for mean, spread in zip(means, spreads, strict=True)]
+            ax.fill_between(millions, low, high, color=line.get_color(), alpha=0.15)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no SLA arm paired with plain yet", ha="center", transform=ax.transAxes)
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_title(f"{Path(folder).name}: val/loss@{length}")
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("SLA − plain (nats/token; below 0: SLA better)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    save_figure(fig, png)
+
+
+def longest_length(arms: dict) -> int:
+    """The longest context length that plain's first seed was evaluated at."""
+    return max(
+        int(key.rsplit("@", 1)[1]) for key in arms["plain"][min(arms["plain"])]["final"] if key.startswith("val/")
+    )
+
+
 def plot_ablation(arms: dict, summary: dict, length: int, png: str):
     """Left: SLA − plain at `length` against training tokens, every seed (thin) and the mean (thick), per arm.
     Right: the final SLA − plain by position bucket, mean and spread over seeds, per arm."""
@@ -299,7 +426,8 @@ def plot_ablation(arms: dict, summary: dict, length: int, png: str):
         ax.axhline(0, color="gray", linewidth=0.8)
         ax.set_ylabel("SLA − plain (nats/token; below 0: SLA better)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     save_figure(fig, png)
 
 
@@ -309,22 +437,39 @@ def main(argv=None):
     parser.add_argument("--ablation", metavar="DIR", help="a folder of <arm>-seed<N>.jsonl logs: compare the arms")
     parser.add_argument("--length", type=int, help="--ablation: the evaluated length compared (default: longest)")
     parser.add_argument("--best_sla_arm", action="store_true", help="--ablation: print the SLA arm of lowest mean")
+    parser.add_argument("--among", nargs="+", metavar="ARM", help="--best_sla_arm: rank only these arms")
+    parser.add_argument("--told_apart", metavar="ARM", help="--ablation: print yes or no: is ARM − plain told apart")
+    parser.add_argument("--gap", nargs="+", metavar="DIR", help="ablation folders: SLA − plain against tokens")
     parser.add_argument("--png", help="write the plot here (needs matplotlib)")
     parser.add_argument("--table", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
-    if bool(args.runs) == bool(args.ablation):
-        parser.error("give either RUN ... or --ablation DIR")
+    if sum(map(bool, (args.runs, args.ablation, args.gap))) != 1:
+        parser.error("give one of RUN ..., --ablation DIR or --gap DIR ...")
+    if args.gap:
+        table = "\n\n".join(f"{folder}\n\n" + gap_table(arms, longest_length(arms))
+                              for folder, arms in ((folder, read_ablation(folder)) for folder in args.gap))  # fmt: skip
+        print(table)
+        if args.table:
+            Path(args.table).write_text(table + "\n")
+        if args.png:
+            plot_gaps(args.gap, args.png)
+        return table
     if args.ablation:
         arms = read_ablation(args.ablation)
-        length = args.length or max(
-            int(key.rsplit("@", 1)[1]) for key in arms["plain"][min(arms["plain"])]["final"] if key.startswith("val/")
-        )
+        length = args.length or longest_length(arms)
         summary = ablation_summary(arms, length)
         if args.best_sla_arm:
-            best = best_sla_arm(summary)
+            best = best_sla_arm(summary, args.among)
             print(best)
             return best
-        table = ablation_table(summary, length)
+        if args.told_apart:
+            if args.told_apart not in summary or args.told_apart == "plain":
+                raise SystemExit(f"error: --told_apart {args.told_apart}: no SLA arm of that name in {args.ablation}")
+            differences = [d["all"] for d in summary[args.told_apart]["differences"].values()]
+            verdict = "yes" if told_apart(differences).startswith("yes") else "no"
+            print(verdict)
+            return verdict
+        table = "\n\n".join((ablation_table(summary, length), cost_table(arms), gap_table(arms, length)))
         print(table)
         if args.table:
             Path(args.table).write_text(table + "\n")

@@ -1,29 +1,41 @@
 #!/usr/bin/env bash
-# Does SLA lower validation loss at 16K, and under which reading of "skip layers"? GPT-2 small at 16K,
-# plain against SLA (9 of 12 heads) with sla_skip 9, 3 and 1, several seeds; 65.5M tokens per run, one GPU each.
+# Does SLA lower validation loss, and with which setting? Plain against SLA arms over several seeds, 65.5M training
+# tokens per run, one GPU each, on one fixed corpus. Two ablations:
+#   small-16k  GPT-2 small at 16K (config/sla_ablation_16k.py): sla_skip 9, 3 and 1 at 9 of 12 heads, then the
+#              head ratio: sla_skip 9 with 3 and with 6 of 12 heads (arms sla-skip9-ratio0.25, -ratio0.5)
+#   medium-8k  GPT-2 medium at 8K (config/sla_ablation_medium_8k.py): sla_skip 9 and 15 at 12 of 16 heads
 #
-#   bash experiments/sla_ablation.sh                    # the next runs not yet in results/sla-ablation-16k/
-#   bash experiments/sla_ablation.sh sla-skip3-seed2    # this run only (names: <arm>-seed<N>)
-#   python plot_results.py --ablation results/sla-ablation-16k --png results/sla-ablation-16k/ablation.png
+#   bash experiments/sla_ablation.sh [small-16k|medium-8k]      # the next runs not yet logged, one per GPU
+#   bash experiments/sla_ablation.sh medium-8k sla-skip15-seed2 # this run only (names: <arm>-seed<N>)
+#   bash experiments/sla_ablation.sh medium-8k --pending        # list the runs still to do, in order, and exit
+#   python plot_results.py --ablation results/sla-ablation-medium-8k --png results/sla-ablation-medium-8k/ablation.png
 #
-# The campaign spans several GPU calls: a run whose log already sits in results/sla-ablation-16k/ is done, so each call
-# starts the next ones in this order: seed 1 of every arm, then seed 2, then seeds 3 and 4 of plain and of the SLA
-# arm with the lowest mean final val/loss@16384 over seeds 1 and 2 (at the seed spread of seeds 1 and 2, the
-# paired t-test needs about 4 seeds to tell a gap of 0.02; RESULTS.md). As many runs start at once as there are GPUs
-# (MAX_RUNS to change). Corpus: the Python sources of this Python's site-packages, gpt2 tokens, files in sorted
-# path order (a package's files next to each other), 2.5% of the files held out; the first call records its
-# token counts, and a later call whose corpus differs stops. New logs go to $LOG_DEST. On a device whose output
-# folder starts empty at each call, keep LOG_DEST (and WORK, the prepared corpus) on the machine's own disk and copy
-# the logs out after each call: the next call on the same machine then starts the runs after them. Needs datasets
-# (prepare) and tiktoken's BPE files (TIKTOKEN_CACHE_DIR offline).
+# The campaign spans many GPU calls: a run whose log sits in results/sla-ablation-<ablation>/ is done, and each call
+# starts the next ones in the campaign's order, which follows from the logs so far:
+#   small-16k: seeds 1 and 2 of every arm, then seeds 3 and 4 of plain and of the SLA arm with the lowest mean final
+#              loss; then seeds 1 and 2 of each head ratio, and its seeds 3 and 4 if its mean over seeds 1 and 2
+#              is below ratio 0.75's (sla-skip9) over the same seeds.
+#   medium-8k: seeds 1 to 4 of every arm, then seeds 5 and 6 of plain and the best SLA arm if its paired difference
+#              is not yet told apart from seed noise (plot_results.py's paired t-test).
+# As many runs start at once as there are GPUs (MAX_RUNS to change). Corpus: the Python sources of this Python's
+# site-packages, gpt2 tokens, files in sorted path order (a package's files next to each other), 2.5% of the files
+# held out; results/.../prepare-pysrc.json records its token counts, and a machine whose corpus differs stops. New
+# logs go to $LOG_DEST. On a machine whose output folder starts empty at each call, keep LOG_DEST (and WORK, the
+# prepared corpus) on the machine's own disk and copy the logs out after each call: the next call on the same
+# machine then starts the runs after them. Needs datasets (prepare) and tiktoken's BPE files (TIKTOKEN_CACHE_DIR
+# offline).
 set -euo pipefail
+shopt -s inherit_errexit  # a failed plot_results.py call inside $(...) stops the script too
 cd "$(dirname "$0")/.."  # the repo root, from wherever the script is called
 export PYTHONUNBUFFERED=1
 ABLATION=small-16k
 case ${1:-} in small-16k|medium-8k) ABLATION=$1; shift ;; esac
 case $ABLATION in
-    small-16k) CONFIG=config/sla_ablation_16k.py; ARMS="plain sla-skip9 sla-skip3 sla-skip1" ;;
-    medium-8k) CONFIG=config/sla_ablation_medium_8k.py; ARMS="plain sla-skip9 sla-skip15" ;;
+    small-16k)  # sla_skip 9, 3 and 1 at 9 of 12 heads; then sla_skip 9 with 3 and with 6 of 12 heads
+        CONFIG=config/sla_ablation_16k.py SLA_ARMS="sla-skip9 sla-skip3 sla-skip1"
+        RATIO_ARMS="sla-skip9-ratio0.25 sla-skip9-ratio0.5" ;;
+    medium-8k)  # sla_skip 9 (15 layers with skip heads) and 15 (9 layers) at 12 of 16 heads
+        CONFIG=config/sla_ablation_medium_8k.py SLA_ARMS="sla-skip9 sla-skip15" RATIO_ARMS="" ;;
 esac
 RESULTS=${RESULTS:-results/sla-ablation-${ABLATION#small-}}  # the campaign's logs: a run logged here is done
 LOG_DEST=${LOG_DEST:-$RESULTS}
@@ -31,58 +43,69 @@ WORK=${WORK:-/tmp/sla-ablation}
 DATA=${DATA:-$WORK/pysrc}  # prepared here unless it holds a meta.json
 PYTHON=${PYTHON:-python3}
 EXTRA_ARGS=${EXTRA_ARGS:-}  # appended to every train.py call, e.g. a tiny CPU model to check this script
-mkdir -p "$LOG_DEST" "$WORK"
 
-if [ ! -f "$DATA/meta.json" ]; then
-    SITE=$($PYTHON -c 'import site; print(site.getsitepackages()[0])')
-    $PYTHON prepare_openwebtext.py --files "$SITE/**/*.py" --encoding_errors replace --val_fraction 0.025 \
-        --out_dir "$DATA" --stats_json "$WORK/prepare-pysrc.json"
-fi
-# every run of the campaign must see the same corpus: compare token counts with the first call's
-$PYTHON - "$DATA/meta.json" "$RESULTS/prepare-pysrc.json" "$LOG_DEST/prepare-pysrc.json" <<'EOF'
-import json, os, shutil, sys
-meta_path, recorded_path, dest = sys.argv[1:]
-counts = lambda meta: {split: meta["splits"][split]["tokens"] for split in ("train", "val")}
-meta = json.load(open(meta_path))
-if os.path.exists(recorded_path):
-    recorded = json.load(open(recorded_path))
-    if counts(meta) != counts(recorded):
-        sys.exit(f"error: this corpus has {counts(meta)} tokens, the campaign's ({recorded_path}) {counts(recorded)}: "
-                 f"runs on it would not compare; prepare the campaign's corpus or start a new results folder")
-elif not os.path.exists(dest):
-    stats = os.path.join(os.path.dirname(meta_path), "..", "prepare-pysrc.json")
-    shutil.copy(stats if os.path.exists(stats) else meta_path, dest)
-EOF
-
-best_sla_arm() {  # the SLA arm with the lowest mean final val/loss@16384 over the seeds every SLA arm has
-    $PYTHON plot_results.py --ablation "$RESULTS" --best_sla_arm
+logged() {  # has this run a log: in the campaign's folder, or from an earlier call into the same LOG_DEST
+    [ -f "$RESULTS/$1.jsonl" ] || [ -f "$LOG_DEST/$1.jsonl" ]
 }
 
-pending() {
-    local seed arm order=""
-    if [ $ABLATION = medium-8k ]; then
-        for seed in 1 2 3 4; do
-            for arm in $ARMS; do order="$order $arm-seed$seed"; done
-        done
-        for run in $order; do
-            [ -f "$RESULTS/$run.jsonl" ] || [ -f "$LOG_DEST/$run.jsonl" ] || echo "$run"
-        done
-        return
+all_logged() {
+    local run
+    for run in "$@"; do logged "$run" || return 1; done
+}
+
+runs() {  # seeds, then arms: <arm>-seed<N> for each
+    local seeds=$1 seed arm
+    shift
+    for seed in $seeds; do
+        for arm in "$@"; do echo "$arm-seed$seed"; done
+    done
+}
+
+ask_logs() {  # plot_results.py --ablation over every log so far (the campaign's and LOG_DEST's), with these flags
+    local logs log status=0
+    logs=$(mktemp -d)
+    for log in "$RESULTS"/*-seed*.jsonl "$LOG_DEST"/*-seed*.jsonl; do [ -f "$log" ] && ln -sf "$(realpath "$log")" "$logs/"; done
+    $PYTHON plot_results.py --ablation "$logs" "$@" || status=$?
+    rm -rf "$logs"
+    return $status
+}
+
+plan() {  # every run the campaign wants by now, in the order to run them
+    local best arm
+    if [ "$ABLATION" = medium-8k ]; then
+        # seeds 1 to 4 of every arm, then seeds 5 and 6 of plain and the best SLA arm if its gap is not yet told apart
+        runs "1 2 3 4" plain $SLA_ARMS
+        if all_logged $(runs 4 plain $SLA_ARMS); then
+            best=$(ask_logs --best_sla_arm --among $SLA_ARMS)
+            [ "$(ask_logs --told_apart "$best")" = no ] && runs "5 6" plain "$best"
+        fi
+        return 0
     fi
-    for seed in 1 2; do
-        for arm in $ARMS; do order="$order $arm-seed$seed"; done
-    done
-    local all_seed2_done=1 best=""
-    for arm in $ARMS; do [ -f "$RESULTS/$arm-seed2.jsonl" ] || all_seed2_done=0; done
-    [ $all_seed2_done = 1 ] && best=$(best_sla_arm)
-    for seed in 3 4; do
-        order="$order plain-seed$seed"
-        [ -n "$best" ] && order="$order $best-seed$seed"
-    done
-    for run in $order; do  # done: logged in the campaign's folder, or by an earlier call into the same LOG_DEST
-        [ -f "$RESULTS/$run.jsonl" ] || [ -f "$LOG_DEST/$run.jsonl" ] || echo "$run"
+    # seeds 1 and 2 of every arm, then seeds 3 and 4 of plain and the best SLA arm
+    runs "1 2" plain $SLA_ARMS
+    if all_logged $(runs 2 plain $SLA_ARMS); then
+        best=$(ask_logs --best_sla_arm --among $SLA_ARMS)
+        runs "3 4" plain "$best"
+    fi
+    # the head ratios: seeds 1 and 2 (paired with plain's), then 3 and 4 of a ratio whose mean beats 0.75's
+    runs "1 2" $RATIO_ARMS
+    for arm in $RATIO_ARMS; do
+        if all_logged $(runs "1 2" "$arm" sla-skip9) \
+            && [ "$(ask_logs --best_sla_arm --among sla-skip9 "$arm")" = "$arm" ]; then
+            runs "3 4" "$arm"
+        fi
     done
 }
+
+pending() {  # the runs of the plan not yet logged
+    local run
+    for run in $(plan); do logged "$run" || echo "$run"; done
+}
+
+if [ "${1:-}" = --pending ]; then
+    pending
+    exit 0
+fi
 
 train() {  # run name, GPU index
     local run=$1 arm=${1%-seed*} seed=${1##*-seed} sla_flags="--sla=False"
@@ -99,10 +122,34 @@ train() {  # run name, GPU index
     echo "== $run done (GPU $2): $(grep 'val/loss@' "$WORK/$run.txt" | tail -n 1)"
 }
 
+mkdir -p "$LOG_DEST" "$WORK"
+
+if [ ! -f "$DATA/meta.json" ]; then
+    SITE=$($PYTHON -c 'import site; print(site.getsitepackages()[0])')
+    $PYTHON prepare_openwebtext.py --files "$SITE/**/*.py" --encoding_errors replace --val_fraction 0.025 \
+        --out_dir "$DATA" --stats_json "$WORK/prepare-pysrc.json"
+fi
+# every run of the campaign must see the same corpus: compare its token counts with the recorded ones
+$PYTHON - "$DATA/meta.json" "$RESULTS/prepare-pysrc.json" "$LOG_DEST/prepare-pysrc.json" <<'EOF'
+import json, os, shutil, sys
+meta_path, recorded_path, dest = sys.argv[1:]
+counts = lambda meta: {split: meta["splits"][split]["tokens"] for split in ("train", "val")}
+meta = json.load(open(meta_path))
+if os.path.exists(recorded_path):
+    recorded = json.load(open(recorded_path))
+    if counts(meta) != counts(recorded):
+        sys.exit(f"error: this corpus has {counts(meta)} tokens, the campaign's ({recorded_path}) {counts(recorded)}: "
+                 f"runs on it would not compare; prepare the campaign's corpus or start a new results folder")
+elif not os.path.exists(dest):
+    stats = os.path.join(os.path.dirname(meta_path), "..", "prepare-pysrc.json")
+    shutil.copy(stats if os.path.exists(stats) else meta_path, dest)
+EOF
+
 if [ $# -gt 0 ]; then
     runs=("$@")
 else
-    mapfile -t runs < <(pending)
+    pending_runs=$(pending)  # not a process substitution: a failure in it must stop the script
+    runs=($pending_runs)  # run names hold no spaces
 fi
 GPUS=$($PYTHON -c 'import torch; print(max(1, torch.cuda.device_count()))')
 MAX_RUNS=${MAX_RUNS:-$GPUS}

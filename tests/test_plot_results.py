@@ -160,3 +160,71 @@ def test_ablation_folder_errors(ablation_dir, tmp_path):
     (tmp_path / "plain-1.jsonl").rename(tmp_path / "sla-skip1-seed1.jsonl")
     with pytest.raises(SystemExit, match=r"no plain-seed<N>\.jsonl"):
         plot_results.main(["--ablation", str(tmp_path)])
+
+
+def test_gap_against_tokens_recomputed_from_the_logs(ablation_dir, tmp_path):
+    png, table_path = tmp_path / "gap.png", tmp_path / "gap.md"
+    table = plot_results.main(
+        ["--gap", str(ablation_dir), str(ablation_dir), "--png", str(png), "--table", str(table_path)]
+    )
+    evals = {
+        (arm, seed): {r["tokens"]: r["val/loss@64"] for r in map(json.loads, (ablation_dir / f"{arm}-seed{seed}.jsonl")
+                      .read_text().splitlines()) if "val/loss@64" in r and r["iter"] > 0}
+        for arm in ("plain", "sla-skip1", "sla-skip2")
+        for seed in (1, 2)
+    }  # fmt: skip
+    tokens = sorted(evals["plain", 1])
+    assert len(tokens) == 2  # evaluations at steps 2 and 4
+    header = next(line for line in table.splitlines() if line.startswith("| arm | seeds |"))
+    assert header.split("|")[3:5] == [f" {t / 1e6:.1f}M tokens " for t in tokens]
+    for arm in ("sla-skip1", "sla-skip2"):
+        rows = [line for line in table.splitlines() if line.startswith(f"| {arm} |")]
+        assert len(rows) == 2  # the folder, given twice, gives two tables
+        cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+        assert cells[1] == "1, 2"
+        for cell, t in zip(cells[2:], tokens, strict=True):
+            gaps = [evals[arm, seed][t] - evals["plain", seed][t] for seed in (1, 2)]
+            assert cell == f"{sum(gaps) / 2:+.4f} ± {abs(gaps[0] - gaps[1]) / 2**0.5:.4f}"
+    assert table_path.read_text().strip() == table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # the ablation's own table ends with the same gap table
+    ablation_table = plot_results.main(["--ablation", str(ablation_dir)])
+    first_gap_table = [line for line in table.splitlines() if line.startswith("|")][:4]  # header, rule, two arms
+    assert ablation_table.endswith("\n".join(first_gap_table))
+
+
+def test_told_apart_and_best_among_arms(ablation_dir):
+    for arm in ("sla-skip1", "sla-skip2"):
+        differences = [
+            last_eval(ablation_dir / f"{arm}-seed{s}.jsonl", "val/loss@64")["val/loss@64"]
+            - last_eval(ablation_dir / f"plain-seed{s}.jsonl", "val/loss@64")["val/loss@64"]
+            for s in (1, 2)
+        ]
+        t = (sum(differences) / 2) / (abs(differences[0] - differences[1]) / 2**0.5 / 2**0.5)
+        expected = "yes" if abs(t) > 12.706 else "no"
+        assert plot_results.main(["--ablation", str(ablation_dir), "--told_apart", arm]) == expected
+        assert plot_results.main(["--ablation", str(ablation_dir), "--best_sla_arm", "--among", arm]) == arm
+    with pytest.raises(SystemExit, match="--told_apart plain: no SLA arm"):
+        plot_results.main(["--ablation", str(ablation_dir), "--told_apart", "plain"])
+    with pytest.raises(SystemExit, match=r"no log yet of \['sla-skip7'\]"):
+        plot_results.main(["--ablation", str(ablation_dir), "--best_sla_arm", "--among", "sla-skip1", "sla-skip7"])
+
+
+def test_cost_table_counts_the_unread_kv_of_each_arm(ablation_dir):
+    """3 layers of 4 heads, 3 skip heads: the skip heads' own K/V of the last layer are read by no one (sla_skip 1:
+    layer 2's; sla_skip 2: layer 2's, its only SLA layer), so 9 of 12 heads' K/V are cached and computed."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    table = plot_results.main(["--ablation", str(ablation_dir)])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in table.split("Cost per token")[1].split("SLA − plain, ")[0].splitlines()
+            if line.startswith("| sla-")}  # fmt: skip
+    plain_args = json.loads((ablation_dir / "plain-seed1.jsonl").read_text().splitlines()[0])["model_args"]
+    flops = GPT(GPTConfig(**plain_args)).flops_per_token()
+    n_embd = plain_args["n_embd"]
+    unread = 6 * 2 * 3 * (n_embd // 4) * n_embd  # K and V rows of 3 heads, forward and backward
+    for arm in ("sla-skip1", "sla-skip2"):
+        assert rows[arm][1:] == ["3 of 4", "0.7500×", f"{(flops - unread) / flops:.4f}×"]
+    assert torch.tensor(0).device.type == "cpu"  # the meta-device count left the default device alone

@@ -52,3 +52,64 @@ def test_each_call_starts_the_next_runs_not_yet_logged(byte_data, tmp_path):
     assert logged == ["sla-skip3-seed1.jsonl", "sla-skip9-seed1.jsonl"]
     config = run_config(device_logs / "sla-skip3-seed1.jsonl")
     assert (config["sla"], config["sla_skip"], config["sla_head_ratio"], config["seed"]) == (True, 3, 0.75, 1)
+
+
+def fake_log(path: Path, seed: int, final_loss: float, length: int):
+    """A log with what the campaign's plan reads: its config and evaluations at `length` (the final one last)."""
+    records = [
+        {"iter": 0, "tokens": 0, "config": {"seed": seed, "block_size": length}},
+        {"iter": 500, "tokens": 500, f"val/loss@{length}": final_loss + 0.5},
+        {"iter": 1000, "tokens": 1000, f"val/loss@{length}": final_loss},
+    ]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def pending(ablation: str, results: Path, log_dest: Path | None = None) -> list[str]:
+    env = {**SUBPROCESS_ENV, "RESULTS": str(results), "LOG_DEST": str(log_dest or results), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(REPO / "experiments" / "sla_ablation.sh"), ablation, "--pending"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.split()
+
+
+def test_medium_campaign_adds_seeds_5_and_6_only_while_the_best_gap_is_not_told_apart(tmp_path):
+    results, device_logs = tmp_path / "results", tmp_path / "device-logs"
+    results.mkdir()
+    device_logs.mkdir()
+    arms = ["plain", "sla-skip9", "sla-skip15"]
+    assert pending("medium-8k", results) == [f"{arm}-seed{seed}" for seed in (1, 2, 3, 4) for arm in arms]
+
+    plain = {seed: 3.0 + 0.03 * seed for seed in (1, 2, 3, 4)}  # seeds differ more than the arms do
+    steady = {1: -0.021, 2: -0.019, 3: -0.022, 4: -0.018}  # about -0.02 in every seed: told apart
+    for seed in (1, 2, 3, 4):
+        fake_log(results / f"plain-seed{seed}.jsonl", seed, plain[seed], 8192)
+        fake_log(results / f"sla-skip15-seed{seed}.jsonl", seed, plain[seed] + 0.01, 8192)
+    for seed in (1, 2, 3):
+        fake_log(results / f"sla-skip9-seed{seed}.jsonl", seed, plain[seed] + steady[seed], 8192)
+    assert pending("medium-8k", results) == ["sla-skip9-seed4"]
+    # the last seed-4 log, written by an earlier call on this machine, completes seeds 1 to 4: sla-skip9 is told apart
+    fake_log(device_logs / "sla-skip9-seed4.jsonl", 4, plain[4] + steady[4], 8192)
+    assert pending("medium-8k", results, device_logs) == []
+
+    noisy = {1: -0.05, 2: 0.02, 3: -0.06, 4: 0.01}  # lower on average, but not told apart from seed noise
+    for seed in (1, 2, 3, 4):
+        fake_log(results / f"sla-skip9-seed{seed}.jsonl", seed, plain[seed] + noisy[seed], 8192)
+    assert pending("medium-8k", results) == ["plain-seed5", "sla-skip9-seed5", "plain-seed6", "sla-skip9-seed6"]
+
+
+def test_head_ratio_runs_follow_the_skip_arms_and_extend_a_ratio_that_beats_0_75(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    plain = {seed: 3.0 + 0.03 * seed for seed in (1, 2, 3, 4)}
+    for seed in (1, 2, 3, 4):
+        fake_log(results / f"plain-seed{seed}.jsonl", seed, plain[seed], 16384)
+        fake_log(results / f"sla-skip9-seed{seed}.jsonl", seed, plain[seed] - 0.02, 16384)
+    for arm in ("sla-skip3", "sla-skip1"):
+        for seed in (1, 2):
+            fake_log(results / f"{arm}-seed{seed}.jsonl", seed, plain[seed] - 0.01, 16384)
+    ratios = ["sla-skip9-ratio0.25", "sla-skip9-ratio0.5"]
+    assert pending("small-16k", results) == [f"{arm}-seed{seed}" for seed in (1, 2) for arm in ratios]
+    for seed in (1, 2):  # 0.25 above 0.75's mean, 0.5 below it
+        fake_log(results / f"sla-skip9-ratio0.25-seed{seed}.jsonl", seed, plain[seed] - 0.01, 16384)
+        fake_log(results / f"sla-skip9-ratio0.5-seed{seed}.jsonl", seed, plain[seed] - 0.03, 16384)
+    assert pending("small-16k", results) == ["sla-skip9-ratio0.5-seed3", "sla-skip9-ratio0.5-seed4"]

@@ -312,6 +312,25 @@ MUTATIONS = [
     Mutation("bench_data_ignored", "bench.py", "bench.py --data is ignored: always synthetic batches",
              'if config.data == "synthetic":\n        # Step time', "if True:\n        # Step time",
              ("tests/test_bench.py::test_real_data_folder",)),
+    Mutation("gap_sign_flipped", "plot_results.py", "the gap against tokens is plain − SLA, not SLA − plain",
+             "sla[tokens] - plain[tokens] for tokens", "plain[tokens] - sla[tokens] for tokens",
+             ("tests/test_plot_results.py::test_gap_against_tokens_recomputed_from_the_logs",)),
+    Mutation("best_arm_among_ignored", "plot_results.py", "--best_sla_arm --among ranks every SLA arm, not the given",
+             "(among is None or arm in among)", "True",
+             ("tests/test_plot_results.py::test_told_apart_and_best_among_arms",
+              "tests/test_sla_ablation.py::test_head_ratio_runs_follow_the_skip_arms_and_extend_a_ratio_that_beats_0_75")),
+    Mutation("campaign_more_seeds_always", "experiments/sla_ablation.sh", "the medium campaign adds seeds 5 and 6 "
+             "even where the best arm's gap is already told apart from seed noise",
+             '[ "$(ask_logs --told_apart "$best")" = no ] && runs', "runs",
+             ("tests/test_sla_ablation.py::test_medium_campaign_adds_seeds_5_and_6_only_while_the_best_gap_is_not_told_apart",)),
+    Mutation("campaign_ratio_always_extended", "experiments/sla_ablation.sh", "every head ratio gets seeds 3 and 4, "
+             "also one whose mean is above ratio 0.75's",
+             '--among sla-skip9 "$arm")" = "$arm" ]', '--among sla-skip9 "$arm")" != none ]',
+             ("tests/test_sla_ablation.py::test_head_ratio_runs_follow_the_skip_arms_and_extend_a_ratio_that_beats_0_75",)),
+    Mutation("cost_flops_without_unread_kv", "plot_results.py", "the cost table counts the K/V rows that SLA "
+             "layers leave out of c_attn",
+             "(flops - 6 * unread_kv_rows * sla.n_embd) / flops", "1.0",
+             ("tests/test_plot_results.py::test_cost_table_counts_the_unread_kv_of_each_arm",)),
 ]  # fmt: skip
 
 
