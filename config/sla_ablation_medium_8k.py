@@ -1,9 +1,9 @@
 # The medium ablation: GPT-2 medium at 8K, plain against SLA (12 of 16 heads) with sla_skip 9 and 15, several seeds
-# (run by sla_ablation.sh medium-8k, one GPU per run). Every run: 8 windows of 8,192 tokens per step as 2 micro-steps
-# of 4, the micro-batch of our medium configs (37 GB on an H200), so that every run of the campaign computes alike on
-# 80 GB and 141 GB GPUs; 1,000 steps = 65.5M training tokens; runs of one seed see the same windows and start from
-# the same weights. The corpus and schedule shape are the small 16K ablation's (config/sla_ablation_16k.py), so the
-# two sizes compare.
+# (run by experiments/sla_ablation.sh medium-8k, one GPU per run). Every run: 8 windows of 8,192 tokens per step as
+# 2 micro-steps of 4, the micro-batch of our medium configs (37 GB on an H200), so that every run of the campaign
+# computes alike on 80 GB and 141 GB GPUs; 1,000 steps = 65.5M training tokens; runs of one seed see the same windows
+# and start from the same weights. The corpus and schedule shape are the small 16K ablation's
+# (config/sla_ablation_16k.py), so the two sizes compare.
 n_layer = 24
 n_head = 16
 n_embd = 1024
