@@ -8,6 +8,7 @@ provenance of every log and bench row, and experiments/train_speed.sh on the CPU
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,41 @@ def test_a_run_outside_a_git_checkout_says_so(byte_data, tmp_path):
     record = read_log(tmp_path / "run")[0]["provenance"]
     assert record["commit"] is None and "not a git repository" in record["commit_error"]
     assert math.isfinite(read_log(tmp_path / "run")[-1]["val/loss@64"])
+
+
+# ------------------------------------------------------------------------------------------ the GPU measurement
+
+
+def test_train_speed_script_writes_a_row_per_shape_model_and_settings(tmp_path):
+    """experiments/train_speed.sh on the CPU with a tiny shape, nothing compiled: for each settings one bench.py run
+    and one train.py run per model, then rows that put train.py's steady tokens/s beside bench.py's and nanoGPT's."""
+    env = {
+        **SUBPROCESS_ENV, "PYTHON": sys.executable, "WORK": str(tmp_path / "work"), "DEST": str(tmp_path / "results"),
+        "PEER": str(PEER), "DEVICE": "cpu", "STEPS": "6", "SKIP": "2", "LOG_INTERVAL": "2", "VOCAB_SIZE": "256",
+        "FASTEST": "--attention=sdpa", "DEFAULTS": "--compile_optimizer=False", "EXTRA_ARGS": "--vocab_size=256",
+        "BENCH_ARGS": "--warmup_steps=1 --rounds=2 --block_steps=1",
+    }  # fmt: skip
+    result = subprocess.run(["bash", "experiments/train_speed.sh", "tiny:32:2"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results" / "train-speed-cpu.jsonl").read_text().splitlines()]
+    assert [(row["settings"], row["sla"]) for row in rows] == [
+        ("fastest", False), ("fastest", True), ("defaults", False), ("defaults", True),
+    ]  # fmt: skip
+    fields = ("shape", "sla", "attention", "compile_mode", "compile_optimizer", "train_tokens_per_s",
+              "bench_tokens_per_s", "nanogpt_tokens_per_s", "gpu", "torch")  # fmt: skip
+    for row in rows:
+        assert list(row)[: len(fields)] == list(fields)
+        assert row["shape"] == "tiny:32:2" and row["gpu"] == "cpu" and row["torch"] == torch.__version__
+        assert row["attention"] == row["bench_attention"] == "sdpa" and row["compile_mode"] is None
+        assert min(row["train_tokens_per_s"], row["bench_tokens_per_s"], row["nanogpt_tokens_per_s"]) > 0
+        assert row["train_vs_nanogpt"] == pytest.approx(row["train_tokens_per_s"] / row["nanogpt_tokens_per_s"])
+        assert row["train_steps_timed"] == 4  # steps 3-6: the log's lines after step 2, every 2 steps
+        assert row["provenance"]["device"] == "cpu"
+    log = [json.loads(line) for line in (tmp_path / "work" / "logs" / "fastest-tiny-32-2-sla.jsonl").open()]
+    steady = [line["ms_per_step"] for line in log if "train/loss" in line and line["iter"] > 2]
+    assert rows[1]["train_tokens_per_s"] == pytest.approx(32 * 2 / (statistics.median(steady) / 1000))
+    assert log[0]["config"]["block_size"] == 32 and log[0]["config"]["gradient_accumulation_steps"] == 1
+    plain, sla = rows[0]["train_tokens_per_s"], rows[1]["train_tokens_per_s"]
+    assert rows[1]["sla_vs_plain_step_time"] == pytest.approx(plain / sla)
+    assert not (tmp_path / "work" / "runs" / "fastest-tiny-32-2-sla" / "ckpt.pt").exists()
