@@ -71,15 +71,17 @@ def check_fa4(device: str, dtype: str = "auto"):
     try:
         import flash_attn.cute  # noqa: F401
     except ImportError as err:
-        hint = ""
-        if (getattr(err, "name", None) or "").startswith("cutlass"):
+        hint, missing = "", getattr(err, "name", None) or ""
+        if missing == "cutlass":
             hint = (
                 " (installed with pip --target on PYTHONPATH? nvidia_cutlass_dsl puts cutlass on sys.path with a .pth "
                 "file, which PYTHONPATH does not read: add <target>/nvidia_cutlass_dsl/dsl_packages to PYTHONPATH too)"
             )
+        elif missing.startswith("cutlass."):  # cutlass/ holds only the compiler libraries' _mlir
+            hint = " (nvidia-cutlass-dsl-libs-core, which holds cutlass.cute, is missing: requirements-fa4.txt has it)"
         raise ValueError(
-            f"attention: fa4 needs the {FA4_PACKAGE} package (pip install {FA4_PACKAGE}), or use --attention=sdpa: "
-            f"{err}{hint}"
+            f"attention: fa4 needs the {FA4_PACKAGE} package and what requirements-fa4.txt pins with it (pip "
+            f"install -r requirements-fa4.txt), or use --attention=sdpa: {err}{hint}"
         ) from None
 
 

@@ -340,7 +340,8 @@ def test_train_py_records_which_attention_auto_chose(flash_attn_stand_in, fa4_on
         ),
         (
             ["--attention=fa4", "--device=cuda"],
-            f"attention: fa4 needs the {FA4_PACKAGE} package (pip install {FA4_PACKAGE}), or use --attention=sdpa: ",
+            f"attention: fa4 needs the {FA4_PACKAGE} package and what requirements-fa4.txt pins with it (pip install "
+            f"-r requirements-fa4.txt), or use --attention=sdpa: ",
         ),
     ],
 )
@@ -366,6 +367,24 @@ def test_missing_cutlass_points_at_the_dsl_packages_folder(tmp_path, monkeypatch
             check_fa4("cuda", "bfloat16")
     finally:
         for name in ("flash_attn", "flash_attn.cute"):
+            sys.modules.pop(name, None)
+
+
+def test_missing_cutlass_cute_points_at_the_core_library(tmp_path, monkeypatch):
+    """nvidia-cutlass-dsl's compiler libraries installed without nvidia-cutlass-dsl-libs-core: cutlass is a namespace
+    holding only _mlir, and `import cutlass.cute` fails."""
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("import cutlass.cute\n")
+    (tmp_path / "cutlass" / "_mlir").mkdir(parents=True)  # what libs-base and libs-cu13 put there: no __init__.py
+    for name in ("flash_attn", "flash_attn.cute", "cutlass", "cutlass.cute"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ValueError, match=r"No module named 'cutlass.cute' \(nvidia-cutlass-dsl-libs-core, which"):
+            check_fa4("cuda", "bfloat16")
+    finally:
+        for name in ("flash_attn", "flash_attn.cute", "cutlass"):
             sys.modules.pop(name, None)
 
 
