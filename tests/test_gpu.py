@@ -1,8 +1,10 @@
 """GPU-only checks (skipped without CUDA): SLA through the flash kernel in bf16 agrees with the float32 math path,
 forward and backward; static-cache decoding agrees with recomputation, and its step compiles to one CUDA graph;
 where flash-attn-4 is installed (Hopper or Blackwell), FA4 attention (fa4.py) agrees with SDPA's flash kernel and
-train.py trains with it."""
+train.py trains with it; train.py at its fastest settings (CUDA graphs, a compiled optimizer step) evaluates and
+resumes exactly."""
 
+import json
 import math
 
 import pytest
@@ -272,3 +274,33 @@ def test_train_py_trains_with_fa4(tmp_path, monkeypatch, compiled):
     assert fa4["train_loss"] == pytest.approx(sdpa["train_loss"], rel=1e-2)
     assert fa4["val_losses"][64] == pytest.approx(sdpa["val_losses"][64], rel=1e-2)
     assert fa4["val_losses"][64] < math.log(257)  # it learnt: below a uniform guess over the byte vocabulary
+
+
+def read_losses(out_dir) -> dict:
+    lines = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return {(line["iter"], key): value for line in lines for key, value in line.items() if "loss" in key}
+
+
+def test_train_py_with_cuda_graphs_and_a_compiled_optimizer_evaluates_and_resumes(tmp_path):
+    """train.py at its fastest settings (compile_mode=reduce-overhead, compile_optimizer, attention=auto: FA4 where
+    installed): it evaluates between CUDA-graph steps, and a run stopped at a checkpoint and resumed (the graphs
+    recorded anew, the compiled optimizer step given the saved state) logs the uninterrupted run's losses."""
+    data_dir = write_byte_data(tmp_path / "data", [path.read_text() for path in sorted(REPO.glob("*.py"))])
+    fastest = tiny_settings(
+        data_dir, tmp_path / "reference", device="cuda", dtype="bfloat16", n_head=2, n_embd=128, sla=True, sla_skip=1,
+        gradient_accumulation_steps=1, batch_size=8, max_iters=6, eval_interval=3, compile=True,
+        compile_mode="reduce-overhead", compile_optimizer=True,
+    )  # fmt: skip
+    train.main(train.TrainConfig(**fastest))
+    torch._dynamo.reset()
+    interrupted = {**fastest, "out_dir": str(tmp_path / "resumed"), "max_iters": 3}
+    train.main(train.TrainConfig(**interrupted))
+    torch._dynamo.reset()
+    train.main(train.TrainConfig(**{**interrupted, "init_from": "resume", "max_iters": 6}))
+    torch._dynamo.reset()
+    reference, resumed = read_losses(tmp_path / "reference"), read_losses(tmp_path / "resumed")
+    print(f"reference {reference}\nresumed {resumed}")
+    assert resumed.keys() == reference.keys() and (6, "val/loss@64") in reference
+    for key, value in reference.items():
+        assert math.isfinite(value) and resumed[key] == pytest.approx(value, rel=2e-3), key
+    assert reference[(6, "val/loss@64")] < math.log(257)  # it learnt
