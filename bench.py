@@ -11,9 +11,10 @@ A shape is model:block_size:batch_size with model one of MODELS. For each shape 
 model per --sla_skips entry are built and warmed up (the first step compiles with --compile), then timed round-robin:
 --rounds rounds, each running --block_steps steps of every model in turn, so that clock drift and heat hit all of
 them alike. All models of a shape are alive together (--round_robin=False builds, times and frees them one at a time,
-for shapes whose models do not fit on the device together). Every model runs the same step, train.py's: autocast,
-forward with targets (ours: the memory-lean loss, --loss_impl=full: nanoGPT's whole-logits loss; nanoGPT: its own
-forward), the next batch drawn, backward, gradient clipping at 1.0, AdamW (fused on CUDA; nanoGPT's own
+for shapes whose models do not fit on the device together). Every model runs train.py's training step, the function
+train.make_train_step makes (no copy of it here), with one micro-step: autocast, forward with targets (ours: the
+memory-lean loss, --loss_impl=full: nanoGPT's whole-logits loss; nanoGPT: its own forward), the next batch drawn,
+backward, the loss read back and checked, gradient clipping at 1.0, AdamW (fused on CUDA; nanoGPT's own
 configure_optimizers) and zero_grad(set_to_none=True). The steps of a block run back to back; on CUDA each step's
 time is the interval between CUDA events recorded at its start and end. A row reports the median (and mean) over
 all rounds*block_steps timed steps, tokens/s, MFU, peak memory (the model's own resident memory plus the most its
@@ -32,6 +33,7 @@ so several runs can fill one file; --decode_out gets the decode rows alone (DECO
 A model that runs out of memory gets a row with "error" and the run goes on without it.
 """
 
+import dataclasses
 import gc
 import importlib.util
 import itertools
@@ -54,17 +56,21 @@ from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import (
+    CUDA_GRAPH_MODES,
     autocast_context,
+    check_compile_mode,
     check_device,
     check_dtype,
+    describe_provenance,
     parse_cli,
+    provenance,
     resolve_device,
     resolve_dtype,
     resolve_freeze_weights,
 )
-from fa4 import check_attention, use_fa4
+from fa4 import check_attention, resolve_attention
 from model import GPT, GPTConfig
-from train import load_meta, open_tokens, windows_to_tensor
+from train import load_meta, make_train_step, open_tokens, windows_to_tensor
 
 # GPT-2's sizes, and a CPU-sized model with GPT-2's 12 layers, so that every skip distance up to 11 applies
 MODELS = {
@@ -80,8 +86,6 @@ SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's
-CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # compile modes that run the step as CUDA graphs
 
 
 # Every JSON line has these keys, in this order (None where a value does not apply or was not measured).
@@ -104,8 +108,10 @@ ROW_FIELDS = (
     # SLA rows: SLA / plain of the same shape
     "ratio_step_time", "ratio_peak_mem", "ratio_decode_tokens_per_s", "ratio_kv_cache_bytes",
     "error",
+    # configurator.provenance: the code (git commit), torch, CUDA, device and kernel packages the row was measured with
+    "provenance",
 )  # fmt: skip
-# The rows of --decode_out: a training row's decode measurement under the names of issue 15's results table.
+# The rows of --decode_out: a training row's decode measurement under the names of RESULTS.md's decoding table.
 DECODE_ROW_FIELDS = {
     "gpu": "gpu", "torch": "torch", "shape": "shape", "size": "size", "model": "model", "block_size": "block_size",
     "sla": "sla", "sla_skip": "sla_skip", "sla_head_ratio": "sla_head_ratio", "n_skip_heads": "n_skip_heads",
@@ -135,7 +141,7 @@ def parse_shape(text: str) -> Shape:
 
 @dataclass
 class BenchConfig:
-    # issue 7's shapes, and GPT-2 small at 1K x 16 for the comparison with nanoGPT
+    # the shapes of our configs at one micro-step, and GPT-2 small at 1K x 16 for the comparison with nanoGPT
     shapes: tuple[str, ...] = (
         "small:1024:16", "small:4096:4", "small:8192:2", "small:16384:1", "medium:8192:1", "medium:16384:1",
     )  # fmt: skip
@@ -146,10 +152,11 @@ class BenchConfig:
     peer: str = ""  # a folder holding nanoGPT's model.py: its GPT is measured beside ours; '' measures ours alone
     compile: bool = False  # torch.compile every model
     # levers, for our models only (nanoGPT runs as published):
-    compile_mode: str = "default"  # torch.compile's mode: one of COMPILE_MODES (needs --compile unless 'default')
-    compile_optimizer: bool = False  # compile clipping + AdamW's step (AdamW then foreach, not fused)
+    compile_mode: str = "default"  # torch.compile's mode (configurator.COMPILE_MODES; needs --compile unless default)
+    compile_optimizer: bool = False  # compile clipping + AdamW's step (AdamW then not fused), as train.py's
     sdpa_backend: str = "auto"  # 'auto' (PyTorch picks) | 'flash' | 'cudnn' | 'efficient' | 'math'
-    attention: str = "sdpa"  # 'sdpa' | 'fa4': FlashAttention-4 (CUDA, Hopper/Blackwell) for causal attention
+    # 'auto' | 'sdpa' | 'fa4': FlashAttention-4 (CUDA, Hopper/Blackwell) for causal attention; auto as train.py's
+    attention: str = "auto"
     warmup_steps: int = 5  # untimed steps per model before the rounds; the first one compiles
     rounds: int = 4  # rounds of timed blocks
     block_steps: int = 15  # steps per model per round
@@ -200,10 +207,7 @@ class BenchConfig:
             raise ValueError(f"loss_impl must be chunked or full, got {self.loss_impl!r}")
         if self.sdpa_backend not in ("auto", *SDPA_BACKENDS):
             raise ValueError(f"sdpa_backend must be auto or one of {sorted(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if self.compile_mode != "default" and not self.compile:
-            raise ValueError(f"compile_mode: {self.compile_mode!r} applies to compiled models: add --compile")
+        check_compile_mode(self.compile_mode, self.compile)
         check_attention(self.attention, resolve_device(self.device), self.dtype)
         check_device(self.device)  # after fa4's check, whose message says more about a missing GPU
         if self.peer and not (Path(self.peer) / "model.py").is_file():
@@ -218,24 +222,25 @@ class BenchConfig:
 
 
 def batch_source(config: BenchConfig, shape: Shape, device: str):
-    """A function returning the next (inputs, targets) batch, drawn as train.py draws them."""
+    """The training batches, (inputs, targets) after (inputs, targets) as an iterator, drawn as train.py draws them."""
     if config.data == "synthetic":
         # Step time does not depend on the token values: one fixed batch, already on the device.
         generator = torch.Generator().manual_seed(config.seed)
         windows = torch.randint(config.vocab_size, (shape.batch_size, shape.block_size + 1), generator=generator)
         windows = windows.to(device)
-        return lambda: (windows[:, :-1], windows[:, 1:])
+        return itertools.repeat((windows[:, :-1], windows[:, 1:]))
 
     # train.py's readers: the same checks and messages, the same windows-to-tensor path
     tokens = open_tokens(config.data, "train", load_meta(config.data, splits=("train",)), shape.block_size + 1)
     rng = np.random.default_rng(config.seed)
 
-    def next_batch():
-        starts = rng.integers(0, len(tokens) - shape.block_size, size=shape.batch_size)
-        windows = windows_to_tensor(tokens, starts, shape.block_size + 1, device)
-        return windows[:, :-1], windows[:, 1:]
+    def batches():
+        while True:
+            starts = rng.integers(0, len(tokens) - shape.block_size, size=shape.batch_size)
+            windows = windows_to_tensor(tokens, starts, shape.block_size + 1, device)
+            yield windows[:, :-1], windows[:, 1:]
 
-    return next_batch
+    return batches()
 
 
 # Prompt lengths this process has prefilled: kernels (cuDNN's plans, say) are chosen per shape and kept, so a
@@ -461,58 +466,24 @@ def load_peer(folder: str) -> ModuleType:
     return module
 
 
-def make_train_step(forward, model: nn.Module, optimizer, next_batch, autocast, compile_optimizer: bool = False):
-    """
-    train.py's step, the same for every model measured: forward(inputs, targets) -> loss under autocast, the next
-    batch drawn while the device works, backward, clipping at 1.0, the optimizer's step (compiled together with the
-    clipping if compile_optimizer, as PyTorch's compiled-optimizer recipe does), zero_grad(set_to_none=True). The
-    function returned runs one step and returns its loss, a tensor of its own on the device.
-    """
-
-    def clip_and_step():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-    if compile_optimizer:
-        clip_and_step = torch.compile(clip_and_step)
-    batch = next_batch()
-
-    def train_step():
-        nonlocal batch
-        torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph modes: the last step's outputs are used up
-        with autocast:
-            loss = forward(*batch)
-        batch = next_batch()  # as train.py: the next batch is fetched while the device works on this one
-        loss.backward()
-        clip_and_step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach().clone()  # a CUDA graph's output would be overwritten by the next step
-
-    return train_step
-
-
 def build_ours(config: BenchConfig, shape: Shape, sla_skip: int | None, device: str, autocast):
-    """Our plain (sla_skip None) or SLA model with the levers of config applied, and its training step."""
+    """Our plain (sla_skip None) or SLA model with the levers of config applied, and train.py's training step."""
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     torch.manual_seed(config.seed)  # plain and SLA models start from the same weights
     sla = {"sla": True, "sla_skip": sla_skip, "sla_head_ratio": config.sla_head_ratio} if sla_skip else {}
+    kernels = {
+        "attention": config.attention, "recompute_mixed_kv": config.sla_recompute_kv,
+        "skip_unread_kv": config.sla_skip_unread_kv,
+    }  # fmt: skip
     model_config = GPTConfig(
-        block_size=shape.block_size, vocab_size=config.vocab_size, bias=config.bias, **MODELS[shape.size], **sla
-    )
+        block_size=shape.block_size, vocab_size=config.vocab_size, bias=config.bias, **MODELS[shape.size], **sla,
+        **kernels,
+    )  # fmt: skip
     model = GPT(model_config).to(device)
-    for block in model.transformer.h:  # this model only: the class-wide defaults stay as they are
-        block.attn.recompute_mixed_kv = config.sla_recompute_kv
-        block.attn.skip_unread_kv = config.sla_skip_unread_kv
-    if config.attention == "fa4":
-        use_fa4(model)  # this model only, too
     optimizer = model.configure_optimizers(
-        weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type=device_type
-    )
-    if config.compile_optimizer:  # the same groups; foreach, which the compiler fuses into its own kernels
-        groups = [
-            {"params": group["params"], "weight_decay": group["weight_decay"]} for group in optimizer.param_groups
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), foreach=True)
+        weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type=device_type,
+        for_compile=config.compile_optimizer,
+    )  # fmt: skip
     if config.compile:
         train_model = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
     else:
@@ -521,12 +492,15 @@ def build_ours(config: BenchConfig, shape: Shape, sla_skip: int | None, device: 
     def forward(inputs, targets):
         return train_model(inputs, targets, return_logits=config.loss_impl == "full")[1]
 
-    next_batch = batch_source(config, shape, device)
-    return model, make_train_step(forward, model, optimizer, next_batch, autocast, config.compile_optimizer)
+    batches = batch_source(config, shape, device)
+    step = make_train_step(
+        model, forward, optimizer, batches, autocast=autocast, compile_optimizer=config.compile_optimizer
+    )
+    return model, step
 
 
 def build_peer(peer: ModuleType, config: BenchConfig, shape: Shape, device: str, autocast):
-    """nanoGPT's GPT of the same shape, as its train.py builds, optimizes and compiles it, and its training step."""
+    """nanoGPT's GPT of the same shape, as its train.py builds, optimizes and compiles it, in train.py's step."""
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     torch.manual_seed(config.seed)
     peer_config = peer.GPTConfig(
@@ -540,13 +514,12 @@ def build_peer(peer: ModuleType, config: BenchConfig, shape: Shape, device: str,
         return train_model(inputs, targets)[1]  # nanoGPT's forward: (logits, loss)
 
     # our batches, made contiguous as nanoGPT's get_batch makes them (its loss takes views of the targets)
-    source = batch_source(config, shape, device)
+    batches = batch_source(config, shape, device)
     if config.data == "synthetic":  # one fixed batch: copied once
-        fixed_batch = tuple(tensor.contiguous() for tensor in source())
-        next_batch = lambda: fixed_batch  # noqa: E731
+        batches = itertools.repeat(tuple(tensor.contiguous() for tensor in next(batches)))
     else:
-        next_batch = lambda: tuple(tensor.contiguous() for tensor in source())  # noqa: E731
-    return model, make_train_step(forward, model, optimizer, next_batch, autocast)
+        batches = (tuple(tensor.contiguous() for tensor in batch) for batch in batches)
+    return model, make_train_step(model, forward, optimizer, batches, autocast=autocast)
 
 
 @dataclass
@@ -591,11 +564,11 @@ def warm_up(contender: Contender, config: BenchConfig, device: str):
         contender.row["n_params"] = contender.model.get_num_params()
         for step in range(config.warmup_steps):
             started = time.perf_counter()
-            loss = contender.train_step()
+            loss, _ = contender.train_step()
             synchronize()
             if step == 0:
                 contender.row["first_step_s"] = time.perf_counter() - started
-                contender.row["first_loss"] = loss.item()
+                contender.row["first_loss"] = loss
     if device.startswith("cuda"):
         contender.resident_bytes = torch.cuda.memory_allocated(device) - allocated_before
         contender.warmup_peak_bytes = torch.cuda.max_memory_allocated(device) - allocated_before
@@ -618,7 +591,7 @@ def run_block(contender: Contender, steps: int, device: str):
         if not device.startswith("cuda"):  # the CPU computes as it goes: the host's clock times each step
             for _ in range(steps):
                 started = time.perf_counter()
-                contender.losses.append(contender.train_step().item())
+                contender.losses.append(contender.train_step()[0])
                 contender.step_ms.append((time.perf_counter() - started) * 1000)
             return
         torch.cuda.synchronize(device)
@@ -628,11 +601,11 @@ def run_block(contender: Contender, steps: int, device: str):
         losses = []
         events[0].record()
         for step in range(steps):
-            losses.append(contender.train_step())
+            losses.append(contender.train_step()[0])
             events[step + 1].record()
         torch.cuda.synchronize(device)
     contender.step_ms += [start.elapsed_time(end) for start, end in itertools.pairwise(events)]
-    contender.losses += [loss.item() for loss in losses]
+    contender.losses += losses
     contender.step_bytes = max(contender.step_bytes, torch.cuda.max_memory_allocated(device) - allocated_before)
 
 
@@ -782,6 +755,9 @@ def main(config: BenchConfig) -> list[dict]:
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     autocast = autocast_context(device, dtype)
     peer = load_peer(config.peer) if config.peer else None
+    config = dataclasses.replace(config, attention=resolve_attention(config.attention, device, dtype))  # auto's pick
+    run_provenance = provenance(device)
+    print(describe_provenance(run_provenance))
     print(
         f"{gpu}, torch {torch.__version__}, {dtype}, compile={config.compile} (mode {config.compile_mode}), "
         f"compile_optimizer={config.compile_optimizer}, sdpa_backend={config.sdpa_backend}, "
@@ -800,7 +776,7 @@ def main(config: BenchConfig) -> list[dict]:
             "block_size": shape.block_size, "batch_size": shape.batch_size, "compile": config.compile,
             "dtype": dtype, "data": config.data, "vocab_size": config.vocab_size, "bias": config.bias,
             "round_robin": config.round_robin, "warmup_steps": config.warmup_steps, "rounds": config.rounds,
-            "block_steps": config.block_steps, "sla": False, "n_skip_heads": 0,
+            "block_steps": config.block_steps, "sla": False, "n_skip_heads": 0, "provenance": run_provenance,
         }  # fmt: skip
         ours = {
             "compile_mode": config.compile_mode, "compile_optimizer": config.compile_optimizer,

@@ -2,12 +2,14 @@
 The checkpoint file that train.py writes and train.py, sample.py and bench.py read: one dict saved with torch.save
 and loaded with torch.load(weights_only=True), so a file from elsewhere can hold no code that runs.
 
-Keys: model (the bare model's state dict), model_args (GPTConfig's fields), meta (the training data's meta.json,
-tokenizer included), and for resuming: optimizer, scaler, config, iter_num, tokens_seen, best_val_loss and rng
-(each rank's RNG states; the data windows follow from iter_num). train.py's training_state() builds it.
+Keys: model (the bare model's state dict), model_args (GPTConfig's fields but the kernel choices), meta (the
+training data's meta.json, tokenizer included), and for resuming: optimizer, scaler, config, iter_num, tokens_seen,
+best_val_loss and rng (each rank's RNG states; the data windows follow from iter_num). train.py's training_state()
+builds it.
 """
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import random
@@ -16,7 +18,7 @@ import zipfile
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, KERNEL_KEYS, GPTConfig
 
 READ_KEYS = ("model", "model_args", "meta")  # what any reader needs; resuming needs RESUME_KEYS as well
 RESUME_KEYS = ("optimizer", "scaler", "config", "iter_num", "tokens_seen", "best_val_loss", "rng")
@@ -107,10 +109,20 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return checkpoint
 
 
+def model_args(config: GPTConfig) -> dict:
+    """A checkpoint's model_args: what the model computes (GPTConfig's fields), not how (KERNEL_KEYS: the kernel
+    choices belong to whoever runs it, on whatever machine)."""
+    return {key: value for key, value in dataclasses.asdict(config).items() if key not in KERNEL_KEYS}
+
+
 def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
-    """The GPT of a checkpoint, weights loaded; overrides change GPTConfig fields that keep the shapes (dropout)."""
+    """
+    The GPT of a checkpoint, weights loaded; overrides change GPTConfig fields that keep the shapes (dropout) and
+    choose its kernels (KERNEL_KEYS: GPTConfig's defaults unless given, whatever the checkpoint's writer ran).
+    """
+    saved = {key: value for key, value in checkpoint["model_args"].items() if key not in KERNEL_KEYS}
     try:
-        model = GPT(GPTConfig(**{**checkpoint["model_args"], **overrides}))
+        model = GPT(GPTConfig(**{**saved, **overrides}))
         # train.py saves the bare model; a torch.compile'd module's state dict has its keys prefixed
         model.load_state_dict({key.removeprefix("_orig_mod."): value for key, value in checkpoint["model"].items()})
     except (TypeError, ValueError, RuntimeError, AttributeError) as err:

@@ -11,6 +11,9 @@ the config files and arguments set, for a script whose defaults come from elsewh
 
 import dataclasses
 import difflib
+import importlib.metadata
+import os
+import subprocess
 import sys
 import types
 import typing
@@ -180,6 +183,19 @@ def resolve_freeze_weights(key: str, freeze_weights: bool | None, compile: bool)
     return compile if freeze_weights is None else freeze_weights
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's
+CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # compile modes that run the step as CUDA graphs
+
+
+def check_compile_mode(compile_mode: str, compile: bool):
+    """For a config's __post_init__: compile_mode is one of torch.compile's modes, and one other than the default is
+    an error without compile (a setting that would do nothing)."""
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+    if compile_mode != "default" and not compile:
+        raise ValueError(f"compile_mode: {compile_mode!r} applies to compiled models: add --compile")
+
+
 def check_device(device: str):
     """For a config's __post_init__: device is auto, cpu, cuda or cuda:N, and a GPU it names is there."""
     kind, _, index = device.partition(":")
@@ -211,3 +227,54 @@ def autocast_context(device: str, dtype: str) -> torch.autocast:
     """Mixed precision in dtype on device's type; float32 runs without autocast."""
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     return torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+# ---- what made a run, for the first line of its log (train.py) and every row (bench.py)
+
+CODE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = ("flash-attn-4", "nvidia-cutlass-dsl")  # optional kernels whose version changes what runs
+
+
+def provenance(device: str) -> dict:
+    """
+    The code and software a run ran on: the git commit of this code's folder and whether tracked files differed
+    from it (dirty; untracked files, such as outputs, do not count), torch, the CUDA it was built for, the device
+    (the GPU's name, or "cpu") and the versions of PACKAGES (None: not installed). Outside a git checkout of this
+    code (a copied folder, say) commit and dirty are None and commit_error says why.
+    """
+    record = {"commit": None, "dirty": None, "commit_error": None}
+    try:
+        top = _git("rev-parse", "--show-toplevel")
+        if os.path.realpath(top) != os.path.realpath(CODE_DIR):  # the code sits inside some other repository
+            raise RuntimeError(f"{CODE_DIR} is not a git checkout (inside {top})")
+        record["commit"] = _git("rev-parse", "HEAD")
+        record["dirty"] = _git("status", "--porcelain", "--untracked-files=no") != ""
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        record["commit_error"] = str(err)
+    record["torch"] = torch.__version__
+    record["cuda"] = torch.version.cuda
+    record["device"] = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    for package in PACKAGES:
+        try:
+            record[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            record[package] = None
+    return record
+
+
+def _git(*args: str) -> str:
+    """git's output in CODE_DIR; a RuntimeError with its message where it fails (not a checkout, no git)."""
+    result = subprocess.run(["git", *args], cwd=CODE_DIR, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"git {args[0]} failed")
+    return result.stdout.strip()
+
+
+def describe_provenance(record: dict) -> str:
+    """provenance() in one line, for a run's first printed lines."""
+    if record["commit"] is None:
+        code = f"code: no git commit ({record['commit_error']})"
+    else:
+        code = f"code: commit {record['commit'][:12]}{' with uncommitted changes' if record['dirty'] else ''}"
+    packages = "".join(f", {name} {record[name]}" for name in PACKAGES if record[name])
+    return f"{code}; torch {record['torch']}, CUDA {record['cuda'] or '-'}, {record['device']}{packages}"

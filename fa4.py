@@ -1,15 +1,16 @@
 """
 FlashAttention-4 (the flash-attn-4 package's flash_attn.cute, for Hopper and Blackwell GPUs) in place of SDPA for
-causal attention without a mask: train.py --attention=fa4 trains with it, bench.py --attention=fa4 measures it.
+causal attention without a mask: a model built with GPTConfig(attention="fa4") trains, evaluates and prefills with it;
+train.py and bench.py choose it with --attention (auto: where it runs).
 
 It lives here, apart from model.py, because it is an optional kernel: model.py's attend() takes any function
-(q, k, v, qkv, skip_kv) -> causal attention through CausalSelfAttention.causal_attention, and use_fa4 hands it this
-one. FA4's autograd.Function cannot be traced by torch.compile, so its forward and backward are wrapped as custom
-operators with shape-only (fake) implementations: a compiled graph calls them as opaque kernels. q, k, v and the
-output are (B, T, heads, head_dim), FA4's layout and attend()'s.
+(q, k, v, qkv, skip_kv) -> causal attention, and model.causal_attention_kernel("fa4") is this module's
+fa4_causal_attention. FA4's autograd.Function cannot be traced by torch.compile, so its forward and backward are
+wrapped as custom operators with shape-only (fake) implementations: a compiled graph calls them as opaque kernels.
+q, k, v and the output are (B, T, heads, head_dim), FA4's layout and attend()'s.
 
 flash_attn is imported only where a kernel runs (and by check_fa4), so this module, train.py and bench.py import
-without it; registering the operators needs only torch.
+without it; registering the operators needs only torch. requirements-fa4.txt pins the package and what it pulls in.
 """
 
 import functools
@@ -17,14 +18,14 @@ import functools
 import torch
 from torch import Tensor
 
-from model import GPT
-
-ATTENTIONS = ("sdpa", "fa4")  # the values of train.py's and bench.py's attention key
+ATTENTIONS = ("auto", "sdpa", "fa4")  # the values of train.py's and bench.py's attention key
 FA4_PACKAGE = "flash-attn-4==4.0.0b36"  # the version whose API fa4_forward and fa4_backward were written against
+FA4_GPU_MAJORS = (9, 10, 11)  # compute capabilities attention=auto picks FA4 on: Hopper (9.0), Blackwell (10.x, 11.x)
 
 
 def check_attention(attention: str, device: str, dtype: str = "auto", dropout: float = 0.0):
-    """A config's attention key: one of ATTENTIONS, and for fa4 what check_fa4 needs and no dropout; a ValueError."""
+    """A config's attention key: one of ATTENTIONS, and for fa4 what check_fa4 needs and no dropout; a ValueError.
+    auto needs nothing: it chooses what runs (resolve_attention)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
     if attention == "fa4":
@@ -34,6 +35,25 @@ def check_attention(attention: str, device: str, dtype: str = "auto", dropout: f
                 f"--attention=sdpa"
             )
         check_fa4(device, dtype)
+
+
+def resolve_attention(attention: str, device: str, dtype: str, dropout: float = 0.0) -> str:
+    """
+    The kernel a config's attention key runs: auto is fa4 where it runs and is the faster one (a Hopper or Blackwell
+    GPU, bfloat16 or float16, no dropout, flash_attn.cute importable), else sdpa; sdpa and fa4 are as given. device
+    and dtype are resolved (configurator.resolve_device, resolve_dtype).
+    """
+    if attention != "auto":
+        return attention
+    if dropout > 0 or not device.startswith("cuda") or dtype not in ("bfloat16", "float16"):
+        return "sdpa"
+    if torch.cuda.get_device_capability(device)[0] not in FA4_GPU_MAJORS:
+        return "sdpa"
+    try:
+        check_fa4(device, dtype)
+    except ValueError:  # flash-attn-4 not installed, or not importable
+        return "sdpa"
+    return "fa4"
 
 
 def check_fa4(device: str, dtype: str = "auto"):
@@ -51,15 +71,17 @@ def check_fa4(device: str, dtype: str = "auto"):
     try:
         import flash_attn.cute  # noqa: F401
     except ImportError as err:
-        hint = ""
-        if (getattr(err, "name", None) or "").startswith("cutlass"):
+        hint, missing = "", getattr(err, "name", None) or ""
+        if missing == "cutlass":
             hint = (
                 " (installed with pip --target on PYTHONPATH? nvidia_cutlass_dsl puts cutlass on sys.path with a .pth "
                 "file, which PYTHONPATH does not read: add <target>/nvidia_cutlass_dsl/dsl_packages to PYTHONPATH too)"
             )
+        elif missing.startswith("cutlass."):  # cutlass/ holds only the compiler libraries' _mlir
+            hint = " (nvidia-cutlass-dsl-libs-core, which holds cutlass.cute, is missing: requirements-fa4.txt has it)"
         raise ValueError(
-            f"attention: fa4 needs the {FA4_PACKAGE} package (pip install {FA4_PACKAGE}), or use --attention=sdpa: "
-            f"{err}{hint}"
+            f"attention: fa4 needs the {FA4_PACKAGE} package and what requirements-fa4.txt pins with it (pip "
+            f"install -r requirements-fa4.txt), or use --attention=sdpa: {err}{hint}"
         ) from None
 
 
@@ -191,19 +213,8 @@ fa4_forward.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
 def fa4_causal_attention(q: Tensor, k: Tensor, v: Tensor, qkv: Tensor | None = None, skip_kv=None) -> Tensor:
-    """CausalSelfAttention.causal_attention: attend()'s attention through the operators. Where q, k and v are not
+    """attend()'s attention through the operators (model.causal_attention_kernel("fa4")). Where q, k and v are not
     views of one qkv (from a KV cache: prefill, no gradient), they are packed into one by a copy."""
     if qkv is None:
         qkv = torch.cat([q, k, v], dim=2)
     return fa4_forward(qkv, q.size(2), *(skip_kv or (None, None)))[0]
-
-
-def use_fa4(model: GPT) -> GPT:
-    """
-    Route model's causal attention without a mask (training, evaluation, prefill) through FA4; masked attention
-    (decode steps) stays with SDPA. Set on this model's attention modules, not on the class, so that other models
-    in the process keep SDPA. Call it on the bare model, before torch.compile or DDP wrap it; check_fa4 first.
-    """
-    for block in model.transformer.h:
-        block.attn.causal_attention = fa4_causal_attention
-    return model

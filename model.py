@@ -24,6 +24,9 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+CAUSAL_ATTENTIONS = ("sdpa", "fa4")  # GPTConfig.attention's kernels
+KERNEL_KEYS = ("attention", "recompute_mixed_kv", "skip_unread_kv")  # GPTConfig's fields that choose kernels only
+
 
 @dataclass
 class GPTConfig:
@@ -37,6 +40,15 @@ class GPTConfig:
     sla: bool = False
     sla_head_ratio: float = 0.75  # fraction of heads that skip; the paper's best: 9 of 12
     sla_skip: int = 9  # skip distance: layer l reads layer l - sla_skip's K/V
+    # How the model computes, not what: kernel choices with the same math, so a checkpoint does not fix them
+    # (KERNEL_KEYS; model_from_checkpoint takes the reader's) and a resumed run may switch.
+    attention: str = "sdpa"  # causal attention without a mask: 'sdpa' (PyTorch's) | 'fa4' (FlashAttention-4, fa4.py)
+    # SLA layers rebuild their mixed K/V in backward rather than keep them (CausalSelfAttention.forward); False keeps
+    # them: faster by a copy per SLA layer, 2*B*T*C values more memory each (bench.py --sla_recompute_kv=False)
+    recompute_mixed_kv: bool = True
+    # c_attn's matmul leaves out the K/V rows of heads nobody reads (first_cached_head): less work, the same
+    # parameters; False computes them (bench.py --sla_skip_unread_kv=False measures the difference)
+    skip_unread_kv: bool = True
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -50,6 +62,8 @@ class GPTConfig:
             raise ValueError(f"sla_head_ratio must be in [0, 1], got {self.sla_head_ratio}")
         if self.sla_skip < 1:
             raise ValueError(f"sla_skip must be >= 1 (a layer can only read an earlier layer), got {self.sla_skip}")
+        if self.attention not in CAUSAL_ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(CAUSAL_ATTENTIONS)}, got {self.attention!r}")
 
     @property
     def n_skip_heads(self) -> int:
@@ -79,18 +93,6 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    # SLA layers rebuild their mixed K/V in backward rather than keep them (see forward); False keeps them: faster
-    # by a copy per SLA layer, 2*B*T*C values more memory each. bench.py --sla_recompute_kv=False measures it.
-    recompute_mixed_kv = True
-    # Layers whose own K/V of some heads nobody reads (GPTConfig.first_cached_head) run c_attn's matmul without those
-    # K/V rows of its weight: less work in training and decoding, the same parameters. False computes them as
-    # before; bench.py --sla_skip_unread_kv=False measures the difference.
-    skip_unread_kv = True
-    # A function (q, k, v, qkv, skip_kv) -> causal attention as attend() computes it, used in place of SDPA where
-    # attend() has no mask (training, prefill); None: SDPA. qkv is None or the tensor q, k and v are views of, whose
-    # gradient a kernel can then write whole. --attention=fa4 (train.py, bench.py) sets it per model with fa4.use_fa4.
-    causal_attention = None
-
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -102,6 +104,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q | k | v, heads contiguous
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # the kernel choices (GPTConfig); the math below is the same whichever they are
+        self.causal_attention = causal_attention_kernel(config.attention)
+        self.recompute_mixed_kv = config.recompute_mixed_kv
+        self.skip_unread_kv = config.skip_unread_kv
 
     def forward(self, x, skip_kv=None, kv_cache=None, input_pos=None, attn_mask=None):
         """
@@ -175,6 +181,20 @@ class CausalSelfAttention(nn.Module):
             is_causal=attn_mask is None,
         )
         return y.transpose(1, 2)
+
+
+def causal_attention_kernel(attention: str):
+    """
+    The function (q, k, v, qkv, skip_kv) -> causal attention as attend() computes it, which attend() hands attention
+    without a mask to (training, evaluation, prefill): None for PyTorch's SDPA; for 'fa4' FlashAttention-4's custom
+    operators from fa4.py, imported only then (they need the flash-attn-4 package only when they run). qkv is None or
+    the tensor q, k and v are views of, whose gradient a kernel can then write whole.
+    """
+    if attention == "fa4":
+        from fa4 import fa4_causal_attention
+
+        return fa4_causal_attention
+    return None
 
 
 def _recompute_only_cat(**_):
@@ -364,9 +384,10 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir: str, **overrides):
         """
         OpenAI GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local Hugging Face directory)
-        in this model. overrides may set sla, sla_head_ratio, sla_skip, dropout and a smaller block_size.
+        in this model. overrides may set sla, sla_head_ratio, sla_skip, dropout, a smaller block_size and the kernel
+        choices (KERNEL_KEYS).
         """
-        allowed = {"sla", "sla_head_ratio", "sla_skip", "dropout", "block_size"}
+        allowed = {"sla", "sla_head_ratio", "sla_skip", "dropout", "block_size", *KERNEL_KEYS}
         if unknown := set(overrides) - allowed:
             raise ValueError(f"from_pretrained cannot override {sorted(unknown)}; allowed: {sorted(allowed)}")
         try:
@@ -393,20 +414,27 @@ class GPT(nn.Module):
             model.crop_block_size(block_size)
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices and embeddings only (not biases or LayerNorm gains)."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, for_compile=False):
+        """
+        AdamW with weight decay on matrices and embeddings only (not biases or LayerNorm gains); fused on CUDA. For
+        torch.compile (for_compile), as PyTorch's compiled-optimizer recipe makes it: not fused (the compiler makes its
+        own kernels from AdamW's code; a fused one is opaque to it), and the learning rate a tensor, which a schedule
+        sets without the step being compiled anew for every value.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+        if for_compile:
+            return torch.optim.AdamW(groups, lr=torch.tensor(learning_rate), betas=betas)
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward): 6N for the weights plus 12·L·C·T for attention
         scores and values (counted in full, as the PaLM paper and nanoGPT do, though causal masking halves it).
-        N counts all of c_attn, also the K/V rows that SLA layers leave out (CausalSelfAttention.skip_unread_kv)."""
+        N counts all of c_attn, also the K/V rows that SLA layers leave out (GPTConfig.skip_unread_kv)."""
         cfg = self.config
         return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size)
 

@@ -43,6 +43,7 @@ from checkpoint import (
     RESUME_KEYS,
     TrainError,
     load_checkpoint,
+    model_args,
     model_from_checkpoint,
     pretrained_model,
     rng_state,
@@ -50,15 +51,19 @@ from checkpoint import (
     set_rng_state,
 )
 from configurator import (
+    CUDA_GRAPH_MODES,
     autocast_context,
+    check_compile_mode,
     check_device,
     check_dtype,
+    describe_provenance,
     parse_cli_explicit,
+    provenance,
     resolve_device,
     resolve_dtype,
 )
-from fa4 import check_attention, use_fa4
-from model import GPT, GPTConfig
+from fa4 import check_attention, resolve_attention
+from model import GPT, KERNEL_KEYS, GPTConfig
 
 
 @dataclass
@@ -113,9 +118,14 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:N'; under torchrun cuda:LOCAL_RANK
     dtype: str = "auto"  # 'auto' (bfloat16 on CUDA, float16 if unsupported; float32 on CPU) | 'bfloat16' | ...
     compile: bool = False
-    # 'sdpa' | 'fa4': FlashAttention-4 (flash-attn-4, Hopper/Blackwell GPUs, bf16/fp16, no dropout) for the causal
-    # attention of training and evaluation; kernels only, the math is the same, so a resumed run may switch
-    attention: str = "sdpa"
+    # torch.compile's mode for the training step: 'default' | 'max-autotune-no-cudagraphs' | 'max-autotune' |
+    # 'reduce-overhead' (the last two run the step as CUDA graphs: one process, gradient_accumulation_steps=1)
+    compile_mode: str = "default"
+    compile_optimizer: bool = False  # compile gradient clipping and AdamW's step together (AdamW then not fused)
+    # 'auto' | 'sdpa' | 'fa4': FlashAttention-4 (flash-attn-4, requirements-fa4.txt; Hopper/Blackwell GPUs, bf16/fp16,
+    # no dropout) for the causal attention of training and evaluation, or PyTorch's SDPA; auto: fa4 where it runs,
+    # else sdpa. Kernels only, the math is the same, so a resumed run may switch
+    attention: str = "auto"
     seed: int = 1337
 
     def __post_init__(self):
@@ -135,6 +145,7 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         check_dtype(self.dtype)
+        check_compile_mode(self.compile_mode, self.compile)
         check_attention(self.attention, resolve_device(self.device), self.dtype, self.dropout)
         check_device(self.device)  # after fa4's check, whose message says more about a missing GPU
 
@@ -310,6 +321,9 @@ def get_lr(it: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (config.learning_rate - config.min_lr)
 
 
+NOT_NUMBERS = ("iter", "config", "model_args", "provenance")  # keys of a log line that wandb does not plot
+
+
 def make_log(log_path: str | None, wandb_run):
     """The one logging path: a JSON line in log_path (if given) and wandb (if a run is given). wandb gets the
     numbers; the run's settings ("config" lines) it has from wandb.init."""
@@ -321,7 +335,7 @@ def make_log(log_path: str | None, wandb_run):
                     f.write(json.dumps(metrics) + "\n")
             except OSError as err:
                 raise TrainError(f"cannot write {log_path}: {err.strerror or err}") from None
-        numbers = {key: value for key, value in metrics.items() if key not in ("iter", "config", "model_args")}
+        numbers = {key: value for key, value in metrics.items() if key not in NOT_NUMBERS}
         if wandb_run is not None and numbers:
             wandb_run.log(numbers, step=metrics["iter"])
 
@@ -352,13 +366,14 @@ def drop_log_lines_after(log_path: str, iter_num: float) -> int:
 
 # ----------------------------------------------------------------------------- the run's phases
 
-ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")  # fixed by ckpt.pt
+# fixed by ckpt.pt: GPTConfig's fields but dropout and the kernel choices
+ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", *KERNEL_KEYS))
 # keys that a resumed run may change and still continue the same training exactly: where it writes, how long it
-# runs, how it is evaluated and logged, whether it is compiled and which attention kernels run
+# runs, how it is evaluated and logged, whether and how it is compiled and which attention kernels run
 CONTINUATION_KEYS = {
     "out_dir", "overwrite", "init_from", "always_save_checkpoint", "eval_interval", "eval_iters", "final_eval_iters",
     "eval_block_sizes", "eval_batch_size", "eval_only", "eval_data_dir", "eval_tag", "log_interval", "wandb_log",
-    "wandb_project", "wandb_run_name", "max_iters", "compile", "attention",
+    "wandb_project", "wandb_run_name", "max_iters", "compile", "compile_mode", "compile_optimizer", "attention",
 }  # fmt: skip
 
 
@@ -407,6 +422,8 @@ def check_run(config: TrainConfig, world_size: int, master: bool):
             f"gradient_accumulation_steps={config.gradient_accumulation_steps} is the global number of micro-steps"
             f" per optimizer step and must be divisible by the {world_size} processes"
         )
+    if config.compile_mode in CUDA_GRAPH_MODES:
+        check_cuda_graphs(config, world_size)
     if config.eval_block_sizes and max(config.eval_block_sizes) > config.block_size:
         raise TrainError(
             f"eval_block_sizes {config.eval_block_sizes} go beyond the model's block_size {config.block_size}: "
@@ -429,20 +446,46 @@ def check_run(config: TrainConfig, world_size: int, master: bool):
         raise TrainError(f"cannot write to out_dir {config.out_dir}: {err.strerror or err}") from None
 
 
-def build_model(config: TrainConfig, checkpoint: dict | None, data_meta: dict) -> GPT:
-    """The model: from scratch, from a checkpoint (init_from=resume), or from released GPT-2 weights."""
+def check_cuda_graphs(config: TrainConfig, world_size: int):
+    """
+    A compile mode that runs the training step as CUDA graphs (CUDA_GRAPH_MODES) replays them with their outputs in
+    one memory pool, which the next replay overwrites. So it trains one micro-step per optimizer step in one process:
+    with accumulation a micro-step's replay overwrites the gradients of the one before it, which the parameters'
+    .grad may still hold (wrong gradients, no error: pytorch/pytorch#169545), and under DDP the reducer all-reduces
+    gradients that pool holds, a combination not verified to train correctly. Either is an error, not a fallback.
+    """
+    runs_as = f"compile_mode={config.compile_mode!r} runs the training step as CUDA graphs"
+    other_modes = "or use --compile_mode=default (or max-autotune-no-cudagraphs)"
+    if world_size > 1:
+        raise TrainError(
+            f"{runs_as}, which train.py does not run under DDP ({world_size} processes): DDP would all-reduce "
+            f"gradients held in the graphs' memory pool; train on one process, {other_modes}"
+        )
+    if config.gradient_accumulation_steps > 1:
+        raise TrainError(
+            f"{runs_as}, whose replay overwrites the gradients of the micro-step before it: with "
+            f"gradient_accumulation_steps={config.gradient_accumulation_steps} they would come out wrong; set "
+            f"--gradient_accumulation_steps=1 (a larger --batch_size keeps the tokens per step), {other_modes}"
+        )
+
+
+def build_model(config: TrainConfig, checkpoint: dict | None, data_meta: dict, kernels: dict) -> GPT:
+    """The model: from scratch, from a checkpoint (init_from=resume), or from released GPT-2 weights; computing with
+    kernels (GPTConfig's KERNEL_KEYS), whatever the checkpoint's run used."""
     sla_settings = {key: getattr(config, key) for key in ("sla", "sla_head_ratio", "sla_skip")}
     if config.init_from == "scratch":
         vocab_size = config.vocab_size or -(-data_meta["vocab_size"] // 64) * 64
         shape = {key: getattr(config, key) for key in ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")}
         try:
-            model = GPT(GPTConfig(vocab_size=vocab_size, **shape, **sla_settings))
+            model = GPT(GPTConfig(vocab_size=vocab_size, **shape, **sla_settings, **kernels))
         except ValueError as err:  # GPTConfig's own checks name the key
             raise TrainError(str(err)) from None
     elif config.init_from == "resume":
-        model = model_from_checkpoint(checkpoint, dropout=config.dropout)
+        model = model_from_checkpoint(checkpoint, dropout=config.dropout, **kernels)
     else:
-        model = pretrained_model(config.init_from, block_size=config.block_size, dropout=config.dropout, **sla_settings)
+        model = pretrained_model(
+            config.init_from, block_size=config.block_size, dropout=config.dropout, **sla_settings, **kernels
+        )
         if model.config.block_size != config.block_size:
             raise TrainError(
                 f"{config.init_from} has {model.config.block_size} positions; set --block_size to at most that"
@@ -511,6 +554,7 @@ class Run:
     val_tokens: np.memmap
     eval_block_sizes: tuple[int, ...]
     eval_batch_sizes: dict[int, int]
+    provenance: dict  # configurator.provenance: the code, torch, CUDA and device this run runs on
     log: object = None  # make_log's function
     wandb_run: object = None
 
@@ -545,6 +589,11 @@ def setup(config: TrainConfig, checkpoint: dict | None, device: str, rank: int) 
     dtype = resolve_dtype(config.dtype, device)
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for the few float32 matmuls left outside autocast
+    if config.compile_optimizer and dtype == "float16" and not config.eval_only:
+        raise TrainError(
+            "compile_optimizer: compiles clipping and AdamW's step as one, which float16's loss scaling must run "
+            "between (unscale, skip a step that overflowed): use --dtype=bfloat16, or --compile_optimizer=False"
+        )
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
     torch.manual_seed(config.seed + rank)  # DDP copies rank 0's initial weights to the others
@@ -553,19 +602,22 @@ def setup(config: TrainConfig, checkpoint: dict | None, device: str, rank: int) 
     train_meta = None if config.eval_only else load_meta(config.data_dir)
     same_data = train_meta is not None and eval_data_dir == config.data_dir
     eval_meta = train_meta if same_data else load_meta(eval_data_dir, splits=("val",))
-    model = build_model(config, checkpoint, train_meta or eval_meta)
+    attention = resolve_attention(config.attention, device, dtype, config.dropout)
+    model = build_model(config, checkpoint, train_meta or eval_meta, kernels={"attention": attention})
     check_model_reads_data(config, model, checkpoint, {config.data_dir: train_meta, eval_data_dir: eval_meta})
     model.to(device)
-    if config.attention == "fa4":
-        use_fa4(model)  # the bare model, so that evaluation runs it too and torch.compile and DDP wrap it
+    run_provenance = provenance(device)
     sla_summary = (
         f"{model.config.n_skip_heads} skip heads, sla_skip {model.config.sla_skip}" if model.config.sla else "off"
     )
     if rank == 0:
         n_params = model.get_num_params() / 1e6
+        chosen = " (auto)" if config.attention == "auto" else ""
+        compiled = f"compile mode {config.compile_mode}" if config.compile else "not compiled"
+        print(describe_provenance(run_provenance))
         print(
             f"model: {n_params:.2f}M parameters, block_size {model.config.block_size}, SLA {sla_summary}, "
-            f"attention {config.attention}"
+            f"attention {attention}{chosen}, {dtype}, {compiled}, compile_optimizer {config.compile_optimizer}"
         )
 
     eval_block_sizes = config.eval_block_sizes or default_eval_block_sizes(model.config.block_size)
@@ -578,10 +630,12 @@ def setup(config: TrainConfig, checkpoint: dict | None, device: str, rank: int) 
         train_tokens = open_tokens(config.data_dir, "train", train_meta, min_tokens=config.block_size + 1)
         device_type = "cuda" if device.startswith("cuda") else "cpu"
         betas = (config.beta1, config.beta2)
-        optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, betas, device_type)
+        optimizer = model.configure_optimizers(
+            config.weight_decay, config.learning_rate, betas, device_type, for_compile=config.compile_optimizer
+        )
         scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
     run = Run(config, device, dtype, rank, world_size, model, model, optimizer, scaler, train_meta, train_tokens,
-              val_tokens, eval_block_sizes, eval_batch_sizes)  # fmt: skip
+              val_tokens, eval_block_sizes, eval_batch_sizes, run_provenance)  # fmt: skip
     progress = Progress()
     if checkpoint:
         restore(run, progress, checkpoint)
@@ -592,8 +646,12 @@ def setup(config: TrainConfig, checkpoint: dict | None, device: str, rank: int) 
 
 
 def wrap_for_training(run: Run) -> torch.nn.Module:
-    """The model that the loop runs forward and backward: compiled if asked, in DDP under torchrun."""
-    train_model = torch.compile(run.model) if run.config.compile else run.model
+    """
+    The model that the loop runs forward and backward: compiled if asked (in compile_mode), in DDP under torchrun.
+    Evaluation runs the bare model, so no compiled graph (nor CUDA graph) is made for its other shapes.
+    """
+    mode = None if run.config.compile_mode == "default" else run.config.compile_mode
+    train_model = torch.compile(run.model, mode=mode) if run.config.compile else run.model
     if run.ddp:
         on_gpu = run.device.startswith("cuda")
         train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if on_gpu else None)
@@ -634,9 +692,11 @@ def open_log(run: Run, progress: Progress):
         {
             "iter": progress.iter_num,
             "tokens": progress.tokens_seen,
-            "config": asdict(config),
+            # the kernels that run (attention=auto's choice among them), in the config as in model_args
+            "config": {**asdict(config), "attention": run.model.config.attention},
             "model_args": asdict(run.model.config),
             "world_size": run.world_size,
+            "provenance": run.provenance,
         }
     )
     return log, wandb_run
@@ -651,7 +711,7 @@ def training_state(run: Run, progress: Progress, rng: list[dict]) -> dict:
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
-        "model_args": asdict(run.model.config),
+        "model_args": model_args(run.model.config),
         "config": asdict(run.config),
         "iter_num": progress.iter_num,
         "tokens_seen": progress.tokens_seen,
@@ -668,13 +728,29 @@ def restore(run: Run, progress: Progress, checkpoint: dict):
     progress.best_val_loss = checkpoint["best_val_loss"]
     if run.config.eval_only:
         return
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.optimizer.load_state_dict(with_kernels_of(run.optimizer, checkpoint["optimizer"]))
     run.scaler.load_state_dict(checkpoint["scaler"])
     saved_rng = checkpoint["rng"]["ranks"]
     if len(saved_rng) == run.world_size:
         set_rng_state(saved_rng[run.rank])
     else:
         run.print(f"note: checkpoint from {len(saved_rng)} processes, now {run.world_size}: dropout RNG restarts")
+
+
+OPTIMIZER_KERNEL_KEYS = ("lr", "foreach", "fused", "capturable")  # AdamW's param-group settings this run chooses
+
+
+def with_kernels_of(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """
+    A saved optimizer state dict with optimizer's implementation (fused, foreach, capturable: a resumed run may
+    switch compile_optimizer) and learning-rate object (a tensor for a compiled step, which reads it as an input) in
+    place of the saved ones; the loop sets the learning rate's value at every step.
+    """
+    groups = [
+        {**saved_group, **{key: group[key] for key in OPTIMIZER_KERNEL_KEYS}}
+        for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True)
+    ]
+    return {**saved, "param_groups": groups}
 
 
 def save(run: Run, progress: Progress, reason: str):
@@ -755,6 +831,103 @@ def get_batch(run: Run, it: int, micro_step: int) -> tuple[torch.Tensor, torch.T
     return windows[:, :-1], windows[:, 1:]
 
 
+def train_batches(run: Run, start_iter: int):
+    """This rank's micro-batches from optimizer step start_iter on, in order (get_batch): the training stream."""
+    first_micro_step = run.rank * run.local_micro_steps  # this rank's share of the global micro-steps
+    for it in itertools.count(start_iter):
+        for micro_step in range(run.local_micro_steps):
+            yield get_batch(run, it, first_micro_step + micro_step)
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A training step's loss is nan or inf; raised before the optimizer step, so the weights are as they were."""
+
+    def __init__(self, loss: float):
+        super().__init__(f"loss is {loss}")
+        self.loss = loss
+
+
+def make_train_step(model, forward, optimizer, batches, *, micro_steps=1, grad_clip=1.0, autocast=None, scaler=None,
+                    ddp_model=None, compile_optimizer=False):  # fmt: skip
+    """
+    The training step, as train.py trains with it and bench.py times it. step(stop_requested=False) takes one
+    optimizer step of model and returns (its mean loss, whether any process asked to stop):
+    - micro_steps forward passes forward(inputs, targets) -> loss under autocast, each followed by the next batch
+      drawn from the iterator batches (while the device works) and the backward of loss / micro_steps (through
+      scaler, float16's loss scaling, if given). Under DDP (ddp_model, the DDP wrapper) only the last micro-step's
+      backward all-reduces the gradients;
+    - the mean loss and the stop request, all-reduced together under DDP so that every process agrees on both; a
+      non-finite loss raises NonFiniteLoss before the weights change;
+    - clipping at grad_clip (0: none) and the optimizer's step, compiled together with compile_optimizer (PyTorch's
+      compiled-optimizer recipe; the optimizer then made by configure_optimizers(for_compile=True)), and the
+      gradients set to None.
+    With CUDA graphs (compile modes reduce-overhead and max-autotune) each step is a new graph generation: the last
+    step's outputs are used up (train.py's check_cuda_graphs allows one micro-step only).
+    """
+    autocast = contextlib.nullcontext() if autocast is None else autocast
+    scaler = torch.amp.GradScaler(enabled=False) if scaler is None else scaler
+    device = next(model.parameters()).device
+    loss_scaling = scaler.is_enabled()  # float16 (compile_optimizer refuses it: torch.compile skips GradScaler)
+
+    def clip_and_step():
+        if loss_scaling:
+            scaler.unscale_(optimizer)  # the true gradients are clipped
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if loss_scaling:
+            scaler.step(optimizer)  # skips a step whose gradients overflowed
+        else:
+            optimizer.step()
+
+    if compile_optimizer:
+        clip_and_step = torch.compile(clip_and_step)
+    batch = next(batches)
+
+    def step(stop_requested: bool = False) -> tuple[float, bool]:
+        nonlocal batch
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are used up, reuse them
+        # micro-steps: forward, backward, and the next batch fetched while the device works
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(micro_steps):
+            last_micro_step = micro_step == micro_steps - 1
+            # DDP all-reduces gradients in backward; only the last micro-step's backward needs to
+            sync = ddp_model.no_sync() if ddp_model is not None and not last_micro_step else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    loss = forward(*batch)
+                batch = next(batches)
+                scaler.scale(loss / micro_steps).backward()
+            loss_sum += loss.detach()
+
+        # loss all-reduce and divergence check: one all-reduce carries the loss and the stop flag, so all ranks
+        # agree on both (waiting for it costs little: a step is many micro-steps long)
+        loss_and_stop = torch.stack([loss_sum / micro_steps, loss_sum.new_tensor(stop_requested)])
+        world_size = 1
+        if ddp_model is not None:
+            dist.all_reduce(loss_and_stop)
+            world_size = dist.get_world_size()
+        loss_total, stop_votes = loss_and_stop.tolist()
+        mean_loss = loss_total / world_size
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLoss(mean_loss)
+
+        # optimizer step
+        clip_and_step()
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return mean_loss, stop_votes > 0
+
+    return step
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float):
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # compile_optimizer: the compiled step reads it as an input, not a constant
+        else:
+            group["lr"] = lr
+
+
 class StepClock:
     """Seconds per training step between log lines; restarted after an evaluation, so that it times training only."""
 
@@ -796,7 +969,7 @@ def log_step(run: Run, progress: Progress, lr: float, clock: StepClock):
 
 def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
     """The training loop, from progress.iter_num to max_iters or a stop request (SIGTERM, SIGINT)."""
-    config, optimizer, scaler, autocast = run.config, run.optimizer, run.scaler, autocast_context(run.device, run.dtype)
+    config = run.config
     run.print(
         f"{run.tokens_per_iter:,} tokens per optimizer step = {config.gradient_accumulation_steps} micro-steps "
         f"({run.local_micro_steps} on each of {run.world_size} processes) x {config.batch_size} x {config.block_size}"
@@ -805,48 +978,23 @@ def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
         progress.val_losses = run_evaluation(run, progress, config.eval_iters)
     elif progress.iter_num >= config.max_iters:
         run.print(f"at iter {progress.iter_num}, max_iters={config.max_iters}: nothing to train (raise max_iters)")
-    first_micro_step = run.rank * run.local_micro_steps  # this rank's share of the global micro-steps
-    x, y = get_batch(run, progress.iter_num, first_micro_step)
+    train_step = make_train_step(
+        run.model, lambda x, y: run.train_model(x, y, return_logits=False)[1], run.optimizer,
+        train_batches(run, progress.iter_num), micro_steps=run.local_micro_steps, grad_clip=config.grad_clip,
+        autocast=autocast_context(run.device, run.dtype), scaler=run.scaler,
+        ddp_model=run.train_model if run.ddp else None, compile_optimizer=config.compile_optimizer,
+    )  # fmt: skip
     clock = StepClock(progress.iter_num)
     while progress.iter_num < config.max_iters:
         # learning rate
         lr = get_lr(progress.iter_num, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(run.optimizer, lr)
 
-        # micro-steps: forward, backward, and the next batch fetched while the device works
-        loss_sum = torch.zeros((), device=run.device)
-        for micro_step in range(run.local_micro_steps):
-            last_micro_step = micro_step == run.local_micro_steps - 1
-            # DDP all-reduces gradients in backward; only the last micro-step's backward needs to
-            sync = run.train_model.no_sync() if run.ddp and not last_micro_step else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = run.train_model(x, y, return_logits=False)
-                next_it, next_micro = (
-                    (progress.iter_num + 1, 0) if last_micro_step else (progress.iter_num, micro_step + 1)
-                )
-                x, y = get_batch(run, next_it, first_micro_step + next_micro)
-                scaler.scale(loss / run.local_micro_steps).backward()
-            loss_sum += loss.detach()
-
-        # loss all-reduce and divergence check: one all-reduce carries the loss and the stop flag, so all ranks
-        # agree on both (waiting for it costs little: a step is many micro-steps long)
-        loss_and_stop = torch.stack([loss_sum / run.local_micro_steps, loss_sum.new_tensor(stop_requested.is_set())])
-        if run.ddp:
-            dist.all_reduce(loss_and_stop)
-        loss_total, stop_votes = loss_and_stop.tolist()
-        progress.train_loss, stop = loss_total / run.world_size, stop_votes > 0
-        if not math.isfinite(progress.train_loss):
-            raise diverged(f"loss is {progress.train_loss} at iter {progress.iter_num + 1}", run, progress)
-
-        # optimizer step
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        # micro-steps, loss all-reduce and divergence check, optimizer step (make_train_step)
+        try:
+            progress.train_loss, stop = train_step(stop_requested.is_set())
+        except NonFiniteLoss as err:
+            raise diverged(f"loss is {err.loss} at iter {progress.iter_num + 1}", run, progress) from None
         progress.iter_num += 1
         progress.tokens_seen += run.tokens_per_iter
 

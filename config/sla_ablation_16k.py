@@ -23,3 +23,4 @@ eval_iters = 8
 final_eval_iters = 64
 log_interval = 10
 compile = True
+attention = "sdpa"  # one kernel for every run of the campaign, whatever the default (auto) chooses

@@ -16,7 +16,7 @@ import torch
 import bench
 from bench import DECODE_ROW_FIELDS, ROW_FIELDS, BenchConfig
 from configurator import ConfigError, parse_config
-from model import CausalSelfAttention, GPTConfig
+from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 PEER = REPO.parent / "shared" / "peers" / "nanogpt"  # nanoGPT's model.py, read in place
@@ -104,12 +104,13 @@ def test_rows_are_appended_one_model_at_a_time_too(tmp_path):
 
 
 def test_sla_kv_levers_reach_each_attention_layer_and_the_rows(monkeypatch):
-    """--sla_recompute_kv=False and --sla_skip_unread_kv=False set the attention modules of the models measured, not
-    the class-wide defaults, and the SLA row says so."""
+    """--sla_recompute_kv=False and --sla_skip_unread_kv=False are the configuration of the models measured, which
+    their attention modules follow, and the SLA row says so."""
     build_ours, levers = bench.build_ours, []
 
     def recording_build_ours(*args):
         model, step = build_ours(*args)
+        assert (model.config.recompute_mixed_kv, model.config.skip_unread_kv) == (False, False)
         levers.extend({(block.attn.recompute_mixed_kv, block.attn.skip_unread_kv) for block in model.transformer.h})
         return model, step
 
@@ -120,7 +121,8 @@ def test_sla_kv_levers_reach_each_attention_layer_and_the_rows(monkeypatch):
     )  # fmt: skip
     plain, sla = bench.main(config)
     assert levers == [(False, False), (False, False)]  # plain's layers, then SLA's
-    assert CausalSelfAttention.recompute_mixed_kv is CausalSelfAttention.skip_unread_kv is True
+    defaults = GPT(GPTConfig(**bench.MODELS["tiny"], sla=True, sla_skip=1)).transformer.h[-1].attn
+    assert defaults.recompute_mixed_kv is defaults.skip_unread_kv is True  # other models keep the defaults
     assert plain["sla_recompute_kv"] is plain["sla_skip_unread_kv"] is None
     assert sla["sla_recompute_kv"] is sla["sla_skip_unread_kv"] is False
 
@@ -306,7 +308,7 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
         (["--peer=/no/such/nanogpt"], "peer: /no/such/nanogpt/model.py not found"),
         (["--compile_mode=fastest", "--compile"], "compile_mode must be one of default, max-autotune-no-cudagraphs"),
         (["--compile_mode=max-autotune"], "compile_mode: 'max-autotune' applies to compiled models: add --compile"),
-        (["--attention=flex"], "attention must be one of sdpa, fa4"),
+        (["--attention=flex"], "attention must be one of auto, sdpa, fa4"),
         (["--attention=fa4", "--device=cpu"], "attention: fa4 runs on CUDA GPUs (Hopper or Blackwell) only"),
         (["--attention=fa4", "--device=cuda"], "attention: fa4 needs the flash-attn-4==4.0.0b36 package"),
         (["--device=cuda:x"], "device must be auto, cpu, cuda or cuda:N"),
@@ -379,15 +381,11 @@ def test_nanogpt_peer_timed_round_robin_on_the_same_data(tmp_path, monkeypatch):
     batch_source = bench.batch_source
 
     def recording_batch_source(config, shape, device):
-        number, next_batch = len(sources), batch_source(config, shape, device)
+        number, batches = len(sources), batch_source(config, shape, device)
         sources.append(number)
-
-        def next_recorded_batch():
-            inputs, targets = next_batch()
+        for inputs, targets in batches:
             drawn.append((number, inputs[0, 0].item()))
-            return inputs, targets
-
-        return next_recorded_batch
+            yield inputs, targets
 
     monkeypatch.setattr(bench, "batch_source", recording_batch_source)
     config = BenchConfig(

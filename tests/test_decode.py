@@ -178,16 +178,14 @@ def test_compiled_decode_step_is_one_graph_per_sampling_for_every_prompt_and_giv
 
 @pytest.mark.parametrize("model_args", [dict(sla=True, sla_skip=1), dict(sla=True, sla_skip=2, sla_head_ratio=0.5)])
 def test_decoding_without_the_unread_kv_gives_the_same_tokens_with_less_work(model_args):
-    """Prefill and decode steps leave out the K/V nobody reads (CausalSelfAttention.skip_unread_kv): the same greedy
+    """Prefill and decode steps leave out the K/V nobody reads (GPTConfig.skip_unread_kv): the same greedy
     tokens as computing them, eager and compiled, and a decode step with that much less matmul work."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = tiny_model(**model_args)
     prompt = torch.randint(0, 61, (2, 5), generator=seed(0))
     tokens, step_flops = {}, {}
     for skip_unread_kv in (False, True):
-        for block in model.transformer.h:
-            block.attn.skip_unread_kv = skip_unread_kv
+        model = tiny_model(**model_args, skip_unread_kv=skip_unread_kv)  # the same weights: the seed's
         tokens[skip_unread_kv] = model.generate(prompt, 25, temperature=0)  # past block_size (24): prefills again
         with FlopCounterMode(display=False) as counter:
             model.decode_step(tokens[skip_unread_kv][:, -1:], torch.tensor([10]), model.kv_cache)

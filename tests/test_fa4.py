@@ -1,9 +1,11 @@
 """fa4.py on the CPU, around a reference stand-in for FlashAttention-4's kernels: its custom operators train as SDPA
-(plain and SLA, eager and compiled), use_fa4 routes one model only, train.py --attention=fa4 and bench.py
---attention=fa4 run through it, a run may switch attention on resume, sample.py and the scripts need no flash_attn,
-and the attention key's errors. The real kernels are checked against SDPA in tests/test_gpu.py."""
+(plain and SLA, eager and compiled), GPTConfig(attention="fa4") routes that model only, train.py --attention=fa4 and
+bench.py --attention=fa4 run through it, attention=auto chooses it where it runs, a run may switch attention on resume,
+sample.py and the scripts need no flash_attn, and the attention key's errors. The real kernels are checked against
+SDPA in tests/test_gpu.py."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import subprocess
@@ -17,9 +19,10 @@ from conftest import REPO, SUBPROCESS_ENV, tiny_settings
 import bench
 import fa4
 import sample
+import train
 from configurator import ConfigError, parse_config
-from fa4 import FA4_PACKAGE, check_fa4, fa4_causal_attention, use_fa4
-from model import GPT, CausalSelfAttention, GPTConfig
+from fa4 import FA4_PACKAGE, check_fa4, fa4_causal_attention, resolve_attention
+from model import GPT, GPTConfig
 from train import TrainConfig, TrainError, load_checkpoint, main
 
 
@@ -100,17 +103,18 @@ def fa4_on_the_cpu(monkeypatch):
 
 @pytest.mark.parametrize("sla", [False, True])
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
-def test_use_fa4_trains_as_sdpa(flash_attn_stand_in, sla, backend):
-    """A model after use_fa4 gets SDPA's loss and gradients through the custom operators, eagerly and compiled
-    (their shape-only implementations traced); an SLA layer (skip 1) attends with two kernel calls, one per K/V
-    source, in forward and in backward, none recomputed. Other models keep SDPA."""
+def test_fa4_model_trains_as_sdpa(flash_attn_stand_in, sla, backend):
+    """A model configured with attention="fa4" gets SDPA's loss and gradients through the custom operators, eagerly
+    and compiled (their shape-only implementations traced); an SLA layer (skip 1) attends with two kernel calls, one
+    per K/V source, in forward and in backward, none recomputed. Other models keep SDPA."""
     idx = torch.randint(256, (2, 17), generator=torch.Generator().manual_seed(0))
     results = []
     for attention in ("sdpa", "fa4"):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=4, n_head=4, n_embd=64, sla=sla, sla_skip=1))
-        if attention == "fa4":
-            assert use_fa4(model) is model
+        config = GPTConfig(
+            block_size=32, vocab_size=256, n_layer=4, n_head=4, n_embd=64, sla=sla, sla_skip=1, attention=attention
+        )
+        model = GPT(config)
         forward = model if backend is None else torch.compile(model, backend=backend)
         _, loss = forward(idx[:, :-1], idx[:, 1:], return_logits=False)
         loss.backward()
@@ -132,10 +136,10 @@ def test_use_fa4_trains_as_sdpa(flash_attn_stand_in, sla, backend):
     for number, (q, k, v) in enumerate(storages):
         assert k == v and k in layer_outputs[: layer_outputs.index(q) + 1], f"call {number} reads a copy"
 
-    # set on that model's modules only: the class and a new model keep SDPA
-    assert CausalSelfAttention.causal_attention is None
-    assert all(block.attn.causal_attention is None for block in GPT(model.config).transformer.h)
+    # the configuration of that model: a model of the default configuration keeps SDPA
     assert all(block.attn.causal_attention is fa4_causal_attention for block in model.transformer.h)
+    default = dataclasses.replace(model.config, attention=GPTConfig.attention)
+    assert all(block.attn.causal_attention is None for block in GPT(default).transformer.h)
 
     # a prompt (no mask) goes through FA4 too; decoding's masked steps stay with SDPA
     model.eval()
@@ -277,10 +281,50 @@ def test_bench_routes_our_models_through_fa4(flash_attn_stand_in, fa4_on_the_cpu
         assert fa4_row["loss"] == pytest.approx(sdpa_row["loss"], rel=1e-4)
 
 
+def test_auto_attention_is_fa4_where_it_runs(monkeypatch):
+    """attention=auto: FA4 on a Hopper or Blackwell GPU in bfloat16 or float16, without dropout, where flash_attn.cute
+    imports; SDPA anywhere else. sdpa and fa4 stay as given."""
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(fa4, "check_fa4", lambda device, dtype="auto": None)  # the package imports
+    assert resolve_attention("auto", "cuda:0", "bfloat16") == "fa4"
+    assert resolve_attention("auto", "cuda", "float16") == "fa4"
+    assert resolve_attention("auto", "cuda:0", "float32") == "sdpa"
+    assert resolve_attention("auto", "cuda:0", "bfloat16", dropout=0.1) == "sdpa"
+    assert resolve_attention("auto", "cpu", "float32") == "sdpa"
+    for major, expected in ((8, "sdpa"), (10, "fa4"), (11, "fa4"), (12, "sdpa")):
+        capability[0] = (major, 0)
+        assert resolve_attention("auto", "cuda:0", "bfloat16") == expected, major
+    assert resolve_attention("sdpa", "cuda:0", "bfloat16") == "sdpa"
+    assert resolve_attention("fa4", "cpu", "float32") == "fa4"  # as given: check_attention refuses it
+    monkeypatch.setattr(fa4, "check_fa4", check_fa4)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    assert resolve_attention("auto", "cuda:0", "bfloat16") == "sdpa"
+
+
+def test_train_py_records_which_attention_auto_chose(flash_attn_stand_in, fa4_on_the_cpu, byte_data, tmp_path,
+                                                     monkeypatch, capsys):  # fmt: skip
+    """The first printed lines and the log's config say which kernel attention=auto ran; the checkpoint keeps auto, so
+    a run resumed on a machine where FA4 does not run chooses SDPA and goes on."""
+    settings = tiny_settings(byte_data, tmp_path, max_iters=4, eval_interval=2)
+    assert TrainConfig(**settings).attention == "auto"  # the default
+    monkeypatch.setattr(train, "resolve_attention", lambda attention, *_: "fa4" if attention == "auto" else attention)
+    main(TrainConfig(**{**settings, "max_iters": 2}))
+    assert "attention fa4 (auto)" in capsys.readouterr().out.split("tokens per optimizer step")[0]
+    assert flash_attn_stand_in["backward"] > 0
+    checkpoint = load_checkpoint(str(tmp_path))
+    assert checkpoint["config"]["attention"] == "auto" and "attention" not in checkpoint["model_args"]
+    monkeypatch.undo()
+    main(TrainConfig(**{**settings, "init_from": "resume"}))  # on the CPU: SDPA
+    configs = [line for line in read_log(tmp_path) if "config" in line]
+    assert [line["config"]["attention"] for line in configs] == ["fa4", "sdpa"]
+    assert [line["model_args"]["attention"] for line in configs] == ["fa4", "sdpa"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--attention=flex"], "attention must be one of sdpa, fa4, got 'flex'"),
+        (["--attention=flex"], "attention must be one of auto, sdpa, fa4, got 'flex'"),
         (
             ["--attention=fa4", "--device=cpu"],
             "attention: fa4 runs on CUDA GPUs (Hopper or Blackwell) only, not on 'cpu'; use --attention=sdpa",
@@ -296,7 +340,8 @@ def test_bench_routes_our_models_through_fa4(flash_attn_stand_in, fa4_on_the_cpu
         ),
         (
             ["--attention=fa4", "--device=cuda"],
-            f"attention: fa4 needs the {FA4_PACKAGE} package (pip install {FA4_PACKAGE}), or use --attention=sdpa: ",
+            f"attention: fa4 needs the {FA4_PACKAGE} package and what requirements-fa4.txt pins with it (pip install "
+            f"-r requirements-fa4.txt), or use --attention=sdpa: ",
         ),
     ],
 )
@@ -322,6 +367,24 @@ def test_missing_cutlass_points_at_the_dsl_packages_folder(tmp_path, monkeypatch
             check_fa4("cuda", "bfloat16")
     finally:
         for name in ("flash_attn", "flash_attn.cute"):
+            sys.modules.pop(name, None)
+
+
+def test_missing_cutlass_cute_points_at_the_core_library(tmp_path, monkeypatch):
+    """nvidia-cutlass-dsl's compiler libraries installed without nvidia-cutlass-dsl-libs-core: cutlass is a namespace
+    holding only _mlir, and `import cutlass.cute` fails."""
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("import cutlass.cute\n")
+    (tmp_path / "cutlass" / "_mlir").mkdir(parents=True)  # what libs-base and libs-cu13 put there: no __init__.py
+    for name in ("flash_attn", "flash_attn.cute", "cutlass", "cutlass.cute"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ValueError, match=r"No module named 'cutlass.cute' \(nvidia-cutlass-dsl-libs-core, which"):
+            check_fa4("cuda", "bfloat16")
+    finally:
+        for name in ("flash_attn", "flash_attn.cute", "cutlass"):
             sys.modules.pop(name, None)
 
 

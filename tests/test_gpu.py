@@ -1,8 +1,10 @@
 """GPU-only checks (skipped without CUDA): SLA through the flash kernel in bf16 agrees with the float32 math path,
 forward and backward; static-cache decoding agrees with recomputation, and its step compiles to one CUDA graph;
 where flash-attn-4 is installed (Hopper or Blackwell), FA4 attention (fa4.py) agrees with SDPA's flash kernel and
-train.py trains with it."""
+train.py trains with it; train.py at its fastest settings (CUDA graphs, a compiled optimizer step) evaluates and
+resumes exactly."""
 
+import json
 import math
 
 import pytest
@@ -11,7 +13,7 @@ from conftest import REPO, tiny_settings, write_byte_data
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train
-from fa4 import fa4_causal_attention, use_fa4
+from fa4 import fa4_causal_attention
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -196,15 +198,13 @@ def fa4_or_skip():
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("sla", [False, True])
 def test_fa4_attention_matches_flash_sdpa_in_bf16(sla, compiled):
-    """fa4.use_fa4 (FlashAttention-4's kernels as custom operators) against SDPA's flash kernel, plain and SLA skip 9,
-    bf16, forward and backward, eager and compiled."""
+    """attention="fa4" (FlashAttention-4's kernels as custom operators) against SDPA's flash kernel, plain and SLA
+    skip 9, bf16, forward and backward, eager and compiled."""
     fa4_or_skip()
     idx = torch.randint(0, 50257, (2, 2049), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     losses, grads = [], []
     for attention in ("sdpa", "fa4"):
-        model = small_sla_model(sla=sla).train()
-        if attention == "fa4":
-            use_fa4(model)
+        model = small_sla_model(sla=sla, attention=attention).train()
         forward = torch.compile(model) if compiled else model
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = forward(idx[:, :-1], idx[:, 1:], return_logits=False)
@@ -234,7 +234,7 @@ def test_fa4_runs_an_sla_layers_two_head_groups_on_two_streams():
     idx = torch.randint(0, 50257, (1, 1025), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     streams = {}
     for sla in (False, True):
-        model = use_fa4(small_sla_model(sla=sla).train())
+        model = small_sla_model(sla=sla, attention="fa4").train()
         bf16_training_step(model, idx)  # FA4 compiles its kernels
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             bf16_training_step(model, idx)
@@ -251,13 +251,13 @@ def test_train_py_trains_with_fa4(tmp_path, monkeypatch, compiled):
     fa4_or_skip()
     # byte-level text that every checkout has: the repository's own sources
     data_dir = write_byte_data(tmp_path / "data", [path.read_text() for path in sorted(REPO.glob("*.py"))])
-    routed = []  # the models train.py hands to use_fa4
+    built, build_model = [], train.build_model  # the models train.py builds
 
-    def recording_use_fa4(model):
-        routed.append(model)
-        return use_fa4(model)
+    def recording_build_model(*args, **kwargs):
+        built.append(build_model(*args, **kwargs))
+        return built[-1]
 
-    monkeypatch.setattr(train, "use_fa4", recording_use_fa4)
+    monkeypatch.setattr(train, "build_model", recording_build_model)
     summaries = {}
     for attention in ("sdpa", "fa4"):
         settings = tiny_settings(
@@ -265,11 +265,42 @@ def test_train_py_trains_with_fa4(tmp_path, monkeypatch, compiled):
             sla_skip=1, compile=compiled, attention=attention,
         )  # fmt: skip
         summaries[attention] = train.main(train.TrainConfig(**settings))
-    (model,) = routed
-    assert all(block.attn.causal_attention is fa4_causal_attention for block in model.transformer.h)
+    sdpa_model, fa4_model = built
+    assert all(block.attn.causal_attention is None for block in sdpa_model.transformer.h)
+    assert all(block.attn.causal_attention is fa4_causal_attention for block in fa4_model.transformer.h)
     sdpa, fa4 = summaries["sdpa"], summaries["fa4"]
     print(f"compiled={compiled}: val losses sdpa {sdpa['val_losses']}, fa4 {fa4['val_losses']}")
     assert fa4["iter_num"] == sdpa["iter_num"] == settings["max_iters"]
     assert fa4["train_loss"] == pytest.approx(sdpa["train_loss"], rel=1e-2)
     assert fa4["val_losses"][64] == pytest.approx(sdpa["val_losses"][64], rel=1e-2)
     assert fa4["val_losses"][64] < math.log(257)  # it learnt: below a uniform guess over the byte vocabulary
+
+
+def read_losses(out_dir) -> dict:
+    lines = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return {(line["iter"], key): value for line in lines for key, value in line.items() if "loss" in key}
+
+
+def test_train_py_with_cuda_graphs_and_a_compiled_optimizer_evaluates_and_resumes(tmp_path):
+    """train.py at its fastest settings (compile_mode=reduce-overhead, compile_optimizer, attention=auto: FA4 where
+    installed): it evaluates between CUDA-graph steps, and a run stopped at a checkpoint and resumed (the graphs
+    recorded anew, the compiled optimizer step given the saved state) logs the uninterrupted run's losses."""
+    data_dir = write_byte_data(tmp_path / "data", [path.read_text() for path in sorted(REPO.glob("*.py"))])
+    fastest = tiny_settings(
+        data_dir, tmp_path / "reference", device="cuda", dtype="bfloat16", n_head=2, n_embd=128, sla=True, sla_skip=1,
+        gradient_accumulation_steps=1, batch_size=8, max_iters=6, eval_interval=3, compile=True,
+        compile_mode="reduce-overhead", compile_optimizer=True,
+    )  # fmt: skip
+    train.main(train.TrainConfig(**fastest))
+    torch._dynamo.reset()
+    interrupted = {**fastest, "out_dir": str(tmp_path / "resumed"), "max_iters": 3}
+    train.main(train.TrainConfig(**interrupted))
+    torch._dynamo.reset()
+    train.main(train.TrainConfig(**{**interrupted, "init_from": "resume", "max_iters": 6}))
+    torch._dynamo.reset()
+    reference, resumed = read_losses(tmp_path / "reference"), read_losses(tmp_path / "resumed")
+    print(f"reference {reference}\nresumed {resumed}")
+    assert resumed.keys() == reference.keys() and (6, "val/loss@64") in reference
+    for key, value in reference.items():
+        assert math.isfinite(value) and resumed[key] == pytest.approx(value, rel=2e-3), key
+    assert reference[(6, "val/loss@64")] < math.log(257)  # it learnt

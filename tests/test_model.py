@@ -8,7 +8,7 @@ import torch
 from conftest import random_hf_gpt2
 from torch.nn import functional as F
 
-from model import GPT, CausalSelfAttention, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -213,27 +213,21 @@ def storage_bytes_alive_after_forward(model: GPT, idx: torch.Tensor, compiled: b
 
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_sla_holds_no_more_activations_than_plain(compiled, recompute, monkeypatch):
-    """Issue 7's memory target: the concatenated K/V of SLA layers are recomputed in backward, not kept. Exactly
+def test_sla_holds_no_more_activations_than_plain(compiled, recompute):
+    """The memory target: the concatenated K/V of SLA layers are recomputed in backward, not kept. Exactly
     plain's bytes while every layer computes all its K/V; less where layer 3 leaves out the K/V nobody reads."""
-    monkeypatch.setattr(CausalSelfAttention, "recompute_mixed_kv", recompute)
     torch._dynamo.reset()
     idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(0))
-    plain, sla = (make_model(sla=sla, sla_skip=1).train() for sla in (False, True))
+    plain = make_model(sla_skip=1, recompute_mixed_kv=recompute).train()
     plain_bytes = storage_bytes_alive_after_forward(plain, idx, compiled)
     sla_bytes = {}
     for skip_unread_kv in (False, True):
-        set_skip_unread_kv(sla, skip_unread_kv)
+        sla = make_model(sla=True, sla_skip=1, recompute_mixed_kv=recompute, skip_unread_kv=skip_unread_kv).train()
         sla_bytes[skip_unread_kv] = storage_bytes_alive_after_forward(sla, idx, compiled)
     mixed_kv_bytes = 3 * 2 * idx.numel() * 32 * 4  # 3 SLA layers, K and V, float32
     assert plain_bytes > 10 * mixed_kv_bytes  # the measurement sees the activations at all
     assert sla_bytes[False] == plain_bytes + (0 if recompute else mixed_kv_bytes)
     assert sla_bytes[True] < sla_bytes[False]
-
-
-def set_skip_unread_kv(model: GPT, skip_unread_kv: bool):
-    for block in model.transformer.h:  # per module, as bench.py sets it
-        block.attn.skip_unread_kv = skip_unread_kv
 
 
 @pytest.mark.parametrize("skip, head_ratio, first_heads", [(1, 0.75, [0, 0, 0, 3]), (2, 0.5, [0, 0, 2, 2])])
@@ -243,8 +237,7 @@ def test_skipping_unread_kv_keeps_the_loss_and_every_gradient(skip, head_ratio, 
     idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(0))
     losses, grads = {}, {}
     for skip_unread_kv in (False, True):
-        model = make_model(sla=True, sla_skip=skip, sla_head_ratio=head_ratio).train()
-        set_skip_unread_kv(model, skip_unread_kv)
+        model = make_model(sla=True, sla_skip=skip, sla_head_ratio=head_ratio, skip_unread_kv=skip_unread_kv).train()
         _, loss = model(idx, idx.roll(-1, dims=1))
         loss.backward()
         losses[skip_unread_kv] = loss.detach()
@@ -268,11 +261,10 @@ def test_skipping_unread_kv_removes_their_matmul_work():
     layers 2 and 3 here), in a forward pass, and three times that in training (the forward and both backward ones)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = make_model(sla=True, sla_skip=2, sla_head_ratio=0.5, bias=False).train()
     idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(0))
     forward_flops, training_flops = {}, {}
     for skip_unread_kv in (False, True):
-        set_skip_unread_kv(model, skip_unread_kv)
+        model = make_model(sla=True, sla_skip=2, sla_head_ratio=0.5, bias=False, skip_unread_kv=skip_unread_kv).train()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(idx, idx)
         forward_flops[skip_unread_kv] = counter.get_total_flops()

@@ -33,6 +33,7 @@ SCHEDULE = f"{PT}::test_learning_rate_schedule_values"
 OPTIMIZER_STEPS = f"{PT}::test_first_and_resumed_optimizer_steps_redone_by_hand"
 COUNTERS = f"{PT}::test_always_save_checkpoint_and_counters_carried_through_resume"
 UINT32 = "tests/test_promises_data.py::test_vocabulary_above_65536_is_stored_as_uint32"
+TS = "tests/test_train_speed.py"
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ MUTATIONS = [
              "(config.learning_rate - config.min_lr)", "config.learning_rate",
              (SCHEDULE,)),
     Mutation("lr_not_applied", "train.py", "the schedule is computed but the optimizer keeps the peak rate",
-             'group["lr"] = lr', 'group["lr"] = config.learning_rate',
+             "set_learning_rate(run.optimizer, lr)", "set_learning_rate(run.optimizer, config.learning_rate)",
              (OPTIMIZER_STEPS,)),
     Mutation("lr_warmup_off_by_one", "train.py", "warmup starts at a learning rate of 0",
              "config.learning_rate * (it + 1) / (config.warmup_iters + 1)",
@@ -76,18 +77,18 @@ MUTATIONS = [
              "betas = (config.beta1, config.beta2)", "betas = (config.beta2, config.beta1)",
              (OPTIMIZER_STEPS,)),
     Mutation("weight_decay_setting_ignored", "train.py", "--weight_decay ignored (always 0.1)",
-             "configure_optimizers(config.weight_decay, config.learning_rate",
-             "configure_optimizers(0.1, config.learning_rate",
+             "            config.weight_decay, config.learning_rate, betas,",
+             "            0.1, config.learning_rate, betas,",
              (OPTIMIZER_STEPS,)),
     Mutation("clip_value_ignored", "train.py", "gradients clipped at 1.0 whatever grad_clip says",
-             "clip_grad_norm_(run.model.parameters(), config.grad_clip)",
-             "clip_grad_norm_(run.model.parameters(), 1.0)",
+             "clip_grad_norm_(model.parameters(), grad_clip)",
+             "clip_grad_norm_(model.parameters(), 1.0)",
              (f"{PT}::test_gradient_clipping_scales_the_applied_gradient_to_grad_clip",)),
     Mutation("no_clip", "train.py", "gradient clipping skipped",
-             "if config.grad_clip > 0:", "if False:",
+             "        if grad_clip > 0:", "        if False:",
              (f"{PT}::test_gradient_clipping_scales_the_applied_gradient_to_grad_clip",)),
     Mutation("loss_not_divided", "train.py", "the loss is not divided by the number of micro-steps",
-             "scaler.scale(loss / run.local_micro_steps).backward()", "scaler.scale(loss).backward()",
+             "scaler.scale(loss / micro_steps).backward()", "scaler.scale(loss).backward()",
              (OPTIMIZER_STEPS,)),
     Mutation("decay_on_all", "model.py", "weight decay on biases and LayerNorm gains too",
              'p.dim() < 2], "weight_decay": 0.0}', 'p.dim() < 2], "weight_decay": weight_decay}',
@@ -100,7 +101,7 @@ MUTATIONS = [
              (OPTIMIZER_STEPS,)),
     # ---- resume, checkpoints, signals
     Mutation("optimizer_not_restored", "train.py", "resume starts AdamW afresh",
-             '    run.optimizer.load_state_dict(checkpoint["optimizer"])\n', "",
+             '    run.optimizer.load_state_dict(with_kernels_of(run.optimizer, checkpoint["optimizer"]))\n', "",
              (OPTIMIZER_STEPS,)),
     Mutation("best_val_loss_not_restored", "train.py", "resume forgets best_val_loss",
              'progress.best_val_loss = checkpoint["best_val_loss"]',
@@ -168,7 +169,8 @@ MUTATIONS = [
              "return self.config.batch_size * self.config.block_size",
              (f"{PT}::test_log_interval_and_the_logged_rates",)),
     Mutation("wandb_drops_lr", "train.py", "wandb is not sent the learning rate",
-             'if key not in ("iter", "config", "model_args")}', 'if key not in ("iter", "config", "model_args", "lr")}',
+             'NOT_NUMBERS = ("iter", "config", "model_args", "provenance")',
+             'NOT_NUMBERS = ("iter", "config", "model_args", "provenance", "lr")',
              ("tests/test_train.py::test_wandb_offline_run_logs_the_same_metrics",)),
     # ---- evaluation
     Mutation("no_eval_at_start", "train.py", "no evaluation before the first step",
@@ -257,13 +259,13 @@ MUTATIONS = [
              ("tests/test_prepare.py::test_stats_of_splits_tokenized_in_under_a_millisecond",)),
     # ---- --attention=fa4
     Mutation("train_fa4_ignored", "train.py", "train.py --attention=fa4 trains with SDPA all the same",
-             "        use_fa4(model)  # the bare model", "        pass  # the bare model",
+             'kernels={"attention": attention}', "kernels={}",
              ("tests/test_fa4.py::test_train_py_trains_through_fa4",)),
     Mutation("fa4_dropout_ignored", "fa4.py", "attention=fa4 with dropout > 0 trains without the dropout",
              "        if dropout > 0:  # refused", "        if False:  # refused",
              ("tests/test_fa4.py::test_attention_errors_name_the_key_and_the_fix",)),
     Mutation("resume_attention_changes_the_run", "train.py", "a resume that switches attention is called inexact",
-             '"max_iters", "compile", "attention",', '"max_iters", "compile",',
+             '"compile_optimizer", "attention",\n}', '"compile_optimizer",\n}',
              ("tests/test_fa4.py::test_resume_may_switch_attention",)),
     # ---- decoding
     Mutation("decode_freeze_ignored", "model.py", "compile_decode_step(freeze_weights=True) compiles without freezing",
@@ -289,11 +291,11 @@ MUTATIONS = [
     Mutation("fa4_never_packed", "fa4.py", "FA4 reads copies of q, k and v, never c_attn's output (nor the earlier "
              "layer's K/V) in place",
              "    if qkv is None:\n        qkv = torch.cat", "    if True:\n        qkv = torch.cat",
-             ("tests/test_fa4.py::test_use_fa4_trains_as_sdpa",)),
+             ("tests/test_fa4.py::test_fa4_model_trains_as_sdpa",)),
     Mutation("fa4_unread_kv_grad_unset", "fa4.py", "FA4's backward leaves the gradient of own K/V heads that only a "
              "later layer reads uninitialised",
              "        grad.zero_()\n", "        pass\n",
-             ("tests/test_fa4.py::test_use_fa4_trains_as_sdpa",)),
+             ("tests/test_fa4.py::test_fa4_model_trains_as_sdpa",)),
     Mutation("fa4_side_stream_starts_early", "fa4.py", "the side stream does not wait for the current one: FA4's "
              "second head group may read its inputs before they are written",
              "    side.wait_stream(main)", "    pass",
@@ -305,6 +307,70 @@ MUTATIONS = [
     Mutation("fa4_one_stream", "fa4.py", "both FA4 head groups run on the current stream, one after the other",
              "    with torch.cuda.stream(side):\n        second()", "    if True:\n        second()",
              ("tests/test_fa4.py::test_second_head_group_runs_on_a_side_stream_joined_both_ways",)),
+    # ---- the training step's levers: compile_mode, compile_optimizer, attention=auto, kernel choices
+    Mutation("compile_mode_without_compile", "configurator.py", "compile_mode without compile is accepted and does "
+             "nothing (train.py, bench.py)",
+             '    if compile_mode != "default" and not compile:', "    if False:",
+             (f"{TS}::test_compile_mode_errors_name_the_key",
+              "tests/test_bench.py::test_bad_settings_are_config_errors")),
+    Mutation("cuda_graphs_with_accumulation", "train.py", "CUDA-graph compile modes train with gradient accumulation, "
+             "whose gradients a later micro-step's replay overwrites",
+             "    if config.gradient_accumulation_steps > 1:\n", "    if False:\n",
+             (f"{TS}::test_cuda_graph_modes_refuse_accumulation_and_ddp",)),
+    Mutation("cuda_graphs_under_ddp", "train.py", "CUDA-graph compile modes run under DDP unverified",
+             "    if world_size > 1:\n        raise TrainError(\n            f\"{runs_as}",
+             "    if False:\n        raise TrainError(\n            f\"{runs_as}",
+             (f"{TS}::test_cuda_graph_modes_refuse_accumulation_and_ddp",)),
+    Mutation("compile_optimizer_float16", "train.py", "compile_optimizer runs with float16, compiling around the loss "
+             "scaling it needs",
+             'if config.compile_optimizer and dtype == "float16" and not config.eval_only:', "if False:",
+             (f"{TS}::test_compile_optimizer_refuses_float16",)),
+    Mutation("compile_optimizer_ignored", "train.py", "train.py --compile_optimizer=True steps the optimizer eagerly",
+             "compile_optimizer=config.compile_optimizer,\n", "compile_optimizer=False,\n",
+             (f"{TS}::test_compiled_optimizer_trains_as_eager_and_a_run_may_switch_to_it",)),
+    Mutation("compiled_lr_a_constant", "train.py", "the schedule replaces a compiled step's learning-rate tensor by a "
+             "float: the step is compiled anew for every value",
+             '            group["lr"].fill_(lr)  #', '            group["lr"] = lr  #',
+             (f"{TS}::test_compiled_optimizer_trains_as_eager_and_a_run_may_switch_to_it",)),
+    Mutation("optimizer_kernels_from_checkpoint", "train.py", "a resumed run takes the saved optimizer's "
+             "implementation and learning-rate object, not its own",
+             "{**saved_group, **{key: group[key] for key in OPTIMIZER_KERNEL_KEYS}}", "saved_group",
+             (f"{TS}::test_compiled_optimizer_trains_as_eager_and_a_run_may_switch_to_it",)),
+    Mutation("step_never_syncs_ddp", "train.py", "the training step skips DDP's all-reduce on every micro-step, the "
+             "last one too",
+             "if ddp_model is not None and not last_micro_step", "if ddp_model is not None",
+             ("tests/test_train.py::test_ddp_two_processes_match_one_with_same_global_batch",)),
+    Mutation("auto_never_fa4", "fa4.py", "attention=auto always chooses SDPA",
+             '        return "sdpa"\n    return "fa4"\n', '        return "sdpa"\n    return "sdpa"\n',
+             ("tests/test_fa4.py::test_auto_attention_is_fa4_where_it_runs",)),
+    Mutation("auto_fa4_on_any_gpu", "fa4.py", "attention=auto chooses FA4 on GPUs other than Hopper and Blackwell",
+             "if torch.cuda.get_device_capability(device)[0] not in FA4_GPU_MAJORS:", "if False:",
+             ("tests/test_fa4.py::test_auto_attention_is_fa4_where_it_runs",)),
+    Mutation("auto_fa4_with_dropout", "fa4.py", "attention=auto chooses FA4, which has no dropout, with dropout > 0",
+             "if dropout > 0 or not device.startswith", "if not device.startswith",
+             ("tests/test_fa4.py::test_auto_attention_is_fa4_where_it_runs",)),
+    Mutation("log_config_says_auto", "train.py", "the log's config says attention=auto, not the kernel that ran",
+             '"config": {**asdict(config), "attention": run.model.config.attention},', '"config": asdict(config),',
+             ("tests/test_fa4.py::test_train_py_records_which_attention_auto_chose",)),
+    Mutation("checkpoint_fixes_kernels", "checkpoint.py", "a checkpoint's kernel choices override the reader's",
+             'saved = {key: value for key, value in checkpoint["model_args"].items() if key not in KERNEL_KEYS}',
+             'saved = dict(checkpoint["model_args"])',
+             (f"{TS}::test_kernel_choices_are_the_models_configuration_not_the_checkpoints",)),
+    Mutation("resume_ignores_kernels", "train.py", "a resumed run computes with the default kernels, not its own",
+             "model_from_checkpoint(checkpoint, dropout=config.dropout, **kernels)",
+             "model_from_checkpoint(checkpoint, dropout=config.dropout)",
+             ("tests/test_fa4.py::test_resume_may_switch_attention",)),
+    # ---- provenance
+    Mutation("provenance_untracked_dirty", "configurator.py", "an untracked file (an output) marks the code dirty",
+             '"--porcelain", "--untracked-files=no"', '"--porcelain"',
+             (f"{TS}::test_provenance_names_the_commit_and_uncommitted_changes",)),
+    Mutation("provenance_never_dirty", "configurator.py", "uncommitted changes to the code are not recorded",
+             'record["dirty"] = _git("status"', 'record["dirty"] = False and _git("status"',
+             (f"{TS}::test_provenance_names_the_commit_and_uncommitted_changes",)),
+    Mutation("provenance_outer_repository", "configurator.py", "code copied into another repository records that "
+             "repository's commit",
+             "if os.path.realpath(top) != os.path.realpath(CODE_DIR):", "if False:",
+             (f"{TS}::test_provenance_names_the_commit_and_uncommitted_changes",)),
     Mutation("bench_fixed_order", "bench.py", "bench.py times the models in one order every round (clock drift "
              "favours the model timed first)",
              "group if number % 2 == 0 else group[::-1]", "group",

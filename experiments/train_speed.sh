@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The speed train.py trains at, beside bench.py's figure for the same model and nanoGPT's (bench.py --peer), on one
+# GPU: at bench's shapes (model:block_size:batch_size, the micro-batch: one micro-step per optimizer step), plain and
+# SLA (skip 9), at the fastest settings and at the defaults. Rows go to $DEST/train-speed-<gpu>.jsonl.
+#
+#   bash experiments/train_speed.sh                      # small:4096:4, small:16384:1 and medium:8192:1
+#   bash experiments/train_speed.sh medium:8192:1        # one shape (on an H100 or H200 each takes a few minutes)
+#
+# Per settings: one bench.py run (plain, nanoGPT, SLA of every shape, timed round-robin), then one train.py run per
+# shape and model, STEPS steps logged every LOG_INTERVAL; train_tokens_per_s is the median over the log's lines
+# after step SKIP (compilation, CUDA-graph recording and the first evaluation come before). Both read the same
+# corpus: random token ids, since a step's time depends on the shapes, not on the tokens (bench.py's synthetic batch is
+# random too). The fastest settings need flash-attn-4 (requirements-fa4.txt). PEER: the folder of nanoGPT's model.py.
+# On a CPU, to check this script: DEVICE=cpu FASTEST=... DEFAULTS=... EXTRA_ARGS=... (tests/test_train_speed.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+SHAPES=${1:-small:4096:4,small:16384:1,medium:8192:1}
+PYTHON=${PYTHON:-python3}
+PEER=${PEER:-../shared/peers/nanogpt}
+DEVICE=${DEVICE:-cuda}
+WORK=${WORK:-/tmp/train-speed}  # corpus, checkpoints (deleted after each run), logs
+DEST=${DEST:-results}
+STEPS=${STEPS:-40}
+SKIP=${SKIP:-10}
+LOG_INTERVAL=${LOG_INTERVAL:-5}
+# the same keys in train.py and bench.py, so one string sets both
+FASTEST=${FASTEST:---compile=True --compile_mode=reduce-overhead --compile_optimizer=True --attention=fa4}
+DEFAULTS=${DEFAULTS:---compile=True}  # what the GPU configs set; attention auto, compile_mode default
+BENCH_ARGS=${BENCH_ARGS:---warmup_steps=3 --rounds=2 --block_steps=10}
+EXTRA_ARGS=${EXTRA_ARGS:-}  # appended to every train.py and bench.py call, e.g. a tiny vocabulary on a CPU
+VOCAB_SIZE=${VOCAB_SIZE:-50257}  # of the random corpus: GPT-2's
+DATA=$WORK/data
+started=$SECONDS
+mkdir -p "$WORK/logs" "$DEST"
+
+if [ ! -f "$DATA/meta.json" ]; then  # 16M random tokens, in prepare_openwebtext.py's format
+    $PYTHON - "$DATA" "$VOCAB_SIZE" <<'EOF'
+import json, os, sys
+import numpy as np
+folder, vocab_size = sys.argv[1], int(sys.argv[2])
+os.makedirs(folder, exist_ok=True)
+rng, meta = np.random.default_rng(0), {"tokenizer": "gpt2", "vocab_size": vocab_size, "dtype": "uint16", "splits": {}}
+for split, n in (("train", 1 << 24), ("val", 1 << 20)):
+    rng.integers(0, vocab_size, size=n, dtype=np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
+    meta["splits"][split] = {"tokens": n}
+with open(os.path.join(folder, "meta.json"), "w") as f:
+    json.dump(meta, f)
+EOF
+fi
+
+case $FASTEST in
+    *attention=fa4*) $PYTHON -c 'import flash_attn.cute' \
+        || { echo "error: the fastest settings run FA4: install requirements-fa4.txt first" >&2; exit 1; } ;;
+esac
+
+model_args() {  # the size of a shape as train.py keys, from bench.MODELS
+    $PYTHON -c "import bench, sys; print(' '.join(f'--{k}={v}' for k, v in bench.MODELS[sys.argv[1]].items()))" "$1"
+}
+
+measure() {  # settings name, then its arguments
+    local name=$1 settings=$2 shape size block batch sla run
+    echo "== $name: bench.py ($(( SECONDS - started )) s so far)"
+    $PYTHON bench.py --shapes="$SHAPES" --sla_skips=9 --peer="$PEER" --data="$DATA" --decode_tokens=0 \
+        --device="$DEVICE" $BENCH_ARGS $settings $EXTRA_ARGS --out="$WORK/bench-$name.jsonl" \
+        > "$WORK/logs/bench-$name.txt" 2>&1 || { tail -n 30 "$WORK/logs/bench-$name.txt"; exit 1; }
+    for shape in ${SHAPES//,/ }; do
+        IFS=: read -r size block batch <<< "$shape"
+        for sla in False True; do
+            run="$name-$size-$block-$batch-$([ $sla = True ] && echo sla || echo plain)"
+            echo "== $run: train.py ($(( SECONDS - started )) s so far)"
+            $PYTHON train.py $(model_args "$size") --block_size="$block" --batch_size="$batch" \
+                --gradient_accumulation_steps=1 --bias=False --sla="$sla" --sla_skip=9 --data_dir="$DATA" \
+                --out_dir="$WORK/runs/$run" --overwrite=True --device="$DEVICE" --max_iters="$STEPS" \
+                --log_interval="$LOG_INTERVAL" --eval_interval="$STEPS" --eval_iters=1 --eval_block_sizes="$block" \
+                $settings $EXTRA_ARGS > "$WORK/logs/$run.txt" 2>&1 || { tail -n 30 "$WORK/logs/$run.txt"; exit 1; }
+            cp "$WORK/runs/$run/log.jsonl" "$WORK/logs/$run.jsonl"
+            rm -rf "${WORK:?}/runs/$run"  # its checkpoint: medium's is 4 GB
+        done
+    done
+}
+
+rm -f "$WORK"/bench-*.jsonl
+measure fastest "$FASTEST"
+measure defaults "$DEFAULTS"
+
+$PYTHON - "$WORK" "$DEST" "$SHAPES" "$SKIP" "$LOG_INTERVAL" <<'EOF'
+import json, re, statistics, sys
+work, dest, shapes = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+skip, log_interval = int(sys.argv[4]), int(sys.argv[5])
+rows = []
+for name in ("fastest", "defaults"):
+    bench = [json.loads(line) for line in open(f"{work}/bench-{name}.jsonl")]
+    for shape in shapes:
+        by_model = {row["model"]: row for row in bench if row["shape"] == shape}
+        for model in ("plain", "sla"):
+            size, block, batch = shape.split(":")
+            log = [json.loads(line) for line in open(f"{work}/logs/{name}-{size}-{block}-{batch}-{model}.jsonl")]
+            config = log[0]["config"]  # attention: the kernel that ran
+            steady = [line["ms_per_step"] for line in log if "train/loss" in line and line["iter"] > skip]
+            train_tokens_per_s = int(block) * int(batch) / (statistics.median(steady) / 1000)
+            ours, nanogpt = by_model[model], by_model["nanogpt"]
+            rows.append({
+                "shape": shape, "sla": model == "sla", "attention": config["attention"],
+                "compile_mode": config["compile_mode"] if config["compile"] else None,
+                "compile_optimizer": config["compile_optimizer"], "train_tokens_per_s": train_tokens_per_s,
+                "bench_tokens_per_s": ours["tokens_per_s"], "nanogpt_tokens_per_s": nanogpt["tokens_per_s"],
+                "gpu": ours["gpu"], "torch": ours["torch"], "settings": name,
+                "train_vs_nanogpt": train_tokens_per_s / nanogpt["tokens_per_s"],
+                "train_vs_bench": train_tokens_per_s / ours["tokens_per_s"],
+                "bench_attention": ours["attention"], "train_steps_timed": len(steady) * log_interval,
+                "provenance": log[0]["provenance"],
+            })
+        plain, sla = rows[-2], rows[-1]  # train.py's SLA step time over plain's
+        sla["sla_vs_plain_step_time"] = plain["train_tokens_per_s"] / sla["train_tokens_per_s"]
+gpu = rows[0]["gpu"]
+found = re.search(r"\b([A-Z]+\d{2,3}[A-Z]?)\b", gpu)
+path = f"{dest}/train-speed-{found.group(1).lower() if found else re.sub(r'[^a-z0-9]+', '-', gpu.lower())}.jsonl"
+with open(path, "a") as f:
+    for row in rows:
+        f.write(json.dumps(row) + "\n")
+print(f"{'settings':9} {'shape':14} {'model':5} {'attention':9} {'train tok/s':>11} {'bench':>9} {'nanoGPT':>9} "
+      f"{'x nanoGPT':>9} {'/bench':>7} {'SLA/plain':>9}")
+for row in rows:
+    sla_vs_plain = f"{row['sla_vs_plain_step_time']:9.3f}" if row["sla"] else ""
+    print(f"{row['settings']:9} {row['shape']:14} {'sla' if row['sla'] else 'plain':5} {row['attention']:9} "
+          f"{row['train_tokens_per_s']:11,.0f} {row['bench_tokens_per_s']:9,.0f} {row['nanogpt_tokens_per_s']:9,.0f} "
+          f"{row['train_vs_nanogpt']:9.3f} {row['train_vs_bench']:7.3f} {sla_vs_plain}")
+print(f"appended {len(rows)} rows to {path}")
+EOF
+echo "== done in $(( SECONDS - started )) s"
