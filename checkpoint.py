@@ -134,13 +134,41 @@ PRETRAINED = "'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (from the Hugging F
 
 
 def pretrained_model(name_or_dir: str, **overrides) -> GPT:
-    """GPT.from_pretrained, its failures (no transformers, an unknown name, offline) as one TrainError."""
+    """
+    GPT.from_pretrained, its failures (no transformers, an unknown name, offline) as one TrainError. Hub weights come
+    from the Hugging Face cache when they are there, without the network (HF_HUB_OFFLINE set or not); else they are
+    downloaded, and a Hub that cannot be reached fails at once, saying what to do offline, instead of after
+    huggingface_hub's half a minute of retries.
+    """
     try:
+        if not os.path.isdir(name_or_dir):
+            with contextlib.suppress(OSError):  # not in the cache
+                return GPT.from_pretrained(name_or_dir, local_files_only=True, **overrides)
+            check_hub_reachable(name_or_dir)
         return GPT.from_pretrained(name_or_dir, **overrides)
     except (OSError, ImportError, ValueError) as err:
         raise TrainError(
             f"cannot load GPT-2 weights {name_or_dir!r} ({_first_line(err)}): give one of {PRETRAINED}, "
             f"or a Hugging Face GPT-2 folder"
+        ) from None
+
+
+def check_hub_reachable(name: str):
+    """A TrainError if the Hugging Face Hub cannot be asked about the model name: offline, or HF_HUB_OFFLINE set."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        huggingface_hub.model_info(name, timeout=10)  # one request, no retries
+    except (HfHubHTTPError, HFValidationError):
+        return  # the Hub answered (e.g. 404), or no Hub name (a folder that is not there): from_pretrained says what
+    except Exception as err:  # no network, no DNS, a proxy that refuses, HF_HUB_OFFLINE=1
+        fill = f"from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{name}')"
+        raise TrainError(
+            f"GPT-2 weights {name!r} are not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and "
+            f"the Hub cannot be reached ({_first_line(err)}). Where it can be, fill the cache once with the same "
+            f'HF_HOME (python -c "{fill}"), then set HF_HUB_OFFLINE=1 offline; or pass a local Hugging Face GPT-2 dir'
+            f" (the Hub's GPT-2 names: {PRETRAINED})"
         ) from None
 
 

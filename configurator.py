@@ -24,7 +24,8 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
 class ConfigError(ValueError):
-    """A config file or command-line argument that does not fit the config dataclass."""
+    """A config file or command-line argument that does not fit the config dataclass, or settings that cannot work
+    together (train.py finds some only once it knows the model's shape). The command line exits with status 2."""
 
 
 def _unknown_key(key: str, known: list[str]) -> ConfigError:

@@ -381,11 +381,12 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, **overrides):
+    def from_pretrained(cls, name_or_dir: str, local_files_only: bool = False, **overrides):
         """
         OpenAI GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local Hugging Face directory)
         in this model. overrides may set sla, sla_head_ratio, sla_skip, dropout, a smaller block_size and the kernel
         choices (KERNEL_KEYS).
+        local_files_only: from the Hugging Face cache, never the network (an OSError if not there).
         """
         allowed = {"sla", "sla_head_ratio", "sla_skip", "dropout", "block_size", *KERNEL_KEYS}
         if unknown := set(overrides) - allowed:
@@ -395,7 +396,7 @@ class GPT(nn.Module):
         except ImportError as err:
             raise ImportError("loading GPT-2 weights needs transformers: pip install transformers") from err
 
-        hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=local_files_only)
         hf = hf_model.config
         block_size = overrides.pop("block_size", hf.n_positions)
         config = GPTConfig(

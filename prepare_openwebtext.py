@@ -8,6 +8,7 @@ other file (.txt, .py, ...) becomes one document. Examples:
 """
 
 import argparse
+import errno
 import functools
 import glob
 import hashlib
@@ -39,6 +40,15 @@ DOCS_PER_JOB = 512  # small enough to keep every core busy and memory low, big e
 
 class PrepareError(Exception):
     """Bad input or environment: reported as one line on stderr with a non-zero exit, no traceback."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM) ends the run: raised like Ctrl-C's KeyboardInterrupt, it unwinds through the
+    cleanup (temporary files, an out_dir this run made, the worker pool); the command line then exits 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -310,11 +320,12 @@ def prepare(args, argv: list[str]) -> dict:
     except (ValueError, RuntimeError) as e:
         raise PrepareError(str(e)) from e
     created = not out_dir.exists()
-    _check_out_dir(out_dir, args.force)
     try:
+        _check_out_dir(out_dir, args.force)
         return _prepare(args, argv, out_dir, tokenizer)
     except BaseException:
-        if created and not any(out_dir.iterdir()):
+        uninterruptible()  # this cleanup, too, must run to its end
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
 
@@ -330,10 +341,11 @@ def _prepare(args, argv: list[str], out_dir: Path, tokenizer: Tokenizer) -> dict
     train_rows, val_rows = split_documents(nbytes, args.val_fraction, args.seed)
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     temps = {name: out_dir / f"{name}.tmp" for name in OUTPUTS}
-    splits = {}
-    pool = multiprocessing.Pool(args.num_proc, _init_worker, (ds, tokenizer.name)) if args.num_proc > 1 else None
-    _WORKER.update(ds=ds, tok=tokenizer)  # for the in-process path of --num_proc 1
+    splits, pool = {}, None
     try:
+        if args.num_proc > 1:
+            pool = multiprocessing.Pool(args.num_proc, _init_worker, (ds, tokenizer.name))
+        _WORKER.update(ds=ds, tok=tokenizer)  # for the in-process path of --num_proc 1
         t_tokenize = time.perf_counter()
         for name, rows in (("train", train_rows), ("val", val_rows)):
             splits[name] = write_split(pool, name, rows, nbytes, temps[f"{name}.bin"], args.num_proc)
@@ -346,11 +358,20 @@ def _prepare(args, argv: list[str], out_dir: Path, tokenizer: Tokenizer) -> dict
                     val_fraction=args.val_fraction, seed=args.seed, source=source,
                     command=shlex.join(["python", "prepare_openwebtext.py", *argv]))  # fmt: skip
         temps["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
-        # meta.json is the completion marker: the old one goes first, the new one lands last.
+        # All is written: from here a stop signal no longer interrupts, so the outputs land as a whole. meta.json is
+        # the completion marker: the old one goes first, the new one lands last.
+        uninterruptible()
         (out_dir / "meta.json").unlink(missing_ok=True)
         for name in OUTPUTS:
             os.replace(temps[name], out_dir / name)
+    except OSError as e:  # a full disk, a quota, a folder made read-only meanwhile
+        where = f" ({e.filename})" if e.filename else ""
+        raise PrepareError(
+            f"cannot write to out_dir {out_dir}: {e.strerror or e}{where}; temporary files removed, existing outputs "
+            f"left as they were"
+        ) from e
     finally:
+        uninterruptible()  # a second signal must not cut the cleanup short, leaving a temporary file behind
         if pool:
             pool.terminate()
         _WORKER.clear()
@@ -401,12 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--num_proc must be at least 1, got {args.num_proc}")
     try:
         stats = prepare(args, argv)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: temporary files removed, no new meta.json written", file=sys.stderr)
-        return 130
+    except BaseException as e:
+        return report_failure(e)
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
     print(f"wrote {args.out_dir}: {stats['empty_documents_skipped']} empty documents skipped")
@@ -415,16 +432,72 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def exit_on_sigterm() -> None:
+def report_failure(error: BaseException) -> int:
+    """One line on stderr for a run that stopped or failed, and its exit status; anything else is a bug, raised."""
+    stopped = _in_chain(error, KeyboardInterrupt)  # a library may turn our Stopped into an error of its own
+    if stopped is not None:
+        signum = getattr(stopped, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name}: temporary files removed, no new meta.json written",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signum
+    if isinstance(error, PrepareError):
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    full = _in_chain(error, OSError)
+    if full is not None and full.errno in (errno.ENOSPC, errno.EDQUOT):  # e.g. datasets' cache on a full disk
+        where = f" ({full.filename})" if full.filename else ""
+        print(f"error: {full.strerror}{where}: free space, or point --cache_dir at another disk", file=sys.stderr)
+        return 1
+    raise error
+
+
+def _in_chain(error: BaseException, kind: type) -> BaseException | None:
+    """The first exception of kind in error's chain (itself, then what it was raised from or while handling)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop(signum, frame):
     """
-    Make a batch scheduler's SIGTERM (time limit, scancel) unwind like Ctrl-C, so temporary files are removed;
-    in this process only. Forked pool workers (ours, and datasets' in Dataset.from_generator) must die at once
-    on the SIGTERM that Pool.terminate() sends, or the pool waits for them forever. A worker that inherits a
-    Python-level handler can lose that signal: one that arrives while the child is still forking is dropped
-    with the interpreter's pending signals after fork, and the worker then blocks on the task queue's lock,
-    which terminate() holds (the demo's prepare step hung so about one run in 20). So SIGTERM is blocked across
-    every fork, and the child restores the default action before unblocking it: a SIGTERM sent meanwhile stays
-    pending in the kernel and then ends the child.
+    The command line's handler of SIGINT and SIGTERM (Ctrl-C, a scheduler's time limit, scancel): the first one
+    raises Stopped, which unwinds through the cleanup, and every later one is ignored. `timeout` and schedulers that
+    signal a whole process group deliver a signal two or three times within milliseconds, and a second Stopped
+    raised inside the cleanup would cut it short, leaving a temporary file (of any size) and the out_dir behind.
+    """
+    uninterruptible()
+    raise Stopped(signum)
+
+
+def uninterruptible() -> None:
+    """
+    From now on stop signals are ignored by this process: for cleanup, and for the outputs' renames, which must run
+    to their end. Ignored, not merely caught: the interpreter restores the default action of signals with Python
+    handlers when it shuts down, so a late signal would still kill a finished run. A no-op where main() runs inside
+    another program, which keeps its own handlers.
+    """
+    if signal.getsignal(signal.SIGTERM) is stop:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_on_signals() -> None:
+    """
+    Install stop() for SIGINT and SIGTERM, in this process only. Forked pool workers (ours, and datasets' in
+    Dataset.from_generator) must die at once on the SIGTERM that Pool.terminate() sends, or the pool waits for them
+    forever. A worker that inherits a Python-level handler can lose that signal: one that arrives while the child is
+    still forking is dropped with the interpreter's pending signals after fork, and the worker then blocks on the
+    task queue's lock, which terminate() holds (the demo's prepare step hung so about one run in 20). So SIGTERM is
+    blocked across every fork, and the child restores the default action before unblocking it: a SIGTERM sent
+    meanwhile stays pending in the kernel and then ends the child. Children ignore SIGINT: a Ctrl-C reaches the
+    whole process group, and it is the main process's to handle (it ends the workers).
     """
 
     def block():
@@ -434,13 +507,17 @@ def exit_on_sigterm() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
     def in_child():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         unblock()
 
     os.register_at_fork(before=block, after_in_parent=unblock, after_in_child=in_child)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()
-    sys.exit(main())
+    stop_on_signals()
+    status = main()
+    uninterruptible()  # the run is over: a late signal (the second of a pair) must not turn its status into a traceback
+    sys.exit(status)

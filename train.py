@@ -15,12 +15,14 @@ it. The helpers at the top (data, evaluation, logging) are reused by other scrip
 
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -52,6 +54,7 @@ from checkpoint import (
 )
 from configurator import (
     CUDA_GRAPH_MODES,
+    ConfigError,
     autocast_context,
     check_compile_mode,
     check_device,
@@ -138,12 +141,26 @@ class TrainConfig:
             for name in names:
                 if not getattr(self, name) >= low:  # `not >=`: a nan fails too
                     raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):  # inf passes every `>=`
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**31:  # numpy takes 32-bit seeds, and each process adds its rank to the seed
+            raise ValueError(f"seed must be in [0, 2**31 - 1], got {self.seed}")
         for size in self.eval_block_sizes:
             if size < 1:
                 raise ValueError(f"eval_block_sizes must be context lengths >= 1, got {self.eval_block_sizes}")
         for name in ("dropout", "beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        # the model's shape, as GPTConfig checks it (vocab_size 0 is sized from the data later; the kernels are
+        # chosen once the device is known: build_model)
+        shape = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(GPTConfig)
+            if f.name not in ("vocab_size", *KERNEL_KEYS)
+        }
+        GPTConfig(vocab_size=self.vocab_size or 1, **shape)
         check_dtype(self.dtype)
         check_compile_mode(self.compile_mode, self.compile)
         check_attention(self.attention, resolve_device(self.device), self.dtype, self.dropout)
@@ -406,7 +423,7 @@ def resumed_config(config: TrainConfig, explicit_keys, checkpoint: dict, ckpt_pa
     try:
         resumed = TrainConfig(**{**saved, **given, "out_dir": config.out_dir, "init_from": "resume"})
     except ValueError as err:
-        raise TrainError(f"the config of {ckpt_path} with your overrides: {err}") from None
+        raise ConfigError(f"the config of {ckpt_path} with your overrides: {err}") from None
     changed = [key for key in given if key not in CONTINUATION_KEYS and key in saved and given[key] != saved[key]]
     if changed and not resumed.eval_only:
         changes = ", ".join(f"{key}={given[key]} (was {saved[key]})" for key in changed)
@@ -414,31 +431,47 @@ def resumed_config(config: TrainConfig, explicit_keys, checkpoint: dict, ckpt_pa
     return resumed
 
 
-def check_run(config: TrainConfig, world_size: int, master: bool):
-    """Settings that cannot work together, and an out_dir that cannot take this run: found before building."""
+def check_run(config: TrainConfig, world_size: int):
+    """Settings that cannot work together: found before building."""
     # The global batch is fixed by the config; processes share its micro-steps, so any world size trains alike.
     if config.gradient_accumulation_steps % world_size:
-        raise TrainError(
+        raise ConfigError(
             f"gradient_accumulation_steps={config.gradient_accumulation_steps} is the global number of micro-steps"
             f" per optimizer step and must be divisible by the {world_size} processes"
         )
     if config.compile_mode in CUDA_GRAPH_MODES:
         check_cuda_graphs(config, world_size)
     if config.eval_block_sizes and max(config.eval_block_sizes) > config.block_size:
-        raise TrainError(
+        raise ConfigError(
             f"eval_block_sizes {config.eval_block_sizes} go beyond the model's block_size {config.block_size}: "
             f"drop the larger ones (--eval_block_sizes=...) or train with a larger --block_size"
         )
-    if not master:
-        return  # only rank 0 writes out_dir
-    existing = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(config.out_dir, name))]
-    if config.init_from != "resume" and not config.eval_only and existing and not config.overwrite:
-        raise TrainError(
-            f"{config.out_dir} already holds a run ({', '.join(existing)}): continue it with "
-            f"--out_dir={config.out_dir} --init_from=resume, or pass --overwrite=True to replace it with a new run"
-        )
+
+
+def check_out_dir(config: TrainConfig):
+    """
+    Whether out_dir can take this run (rank 0, holding its lock). A run is its checkpoint: an out_dir whose run ended
+    before its first save (max_iters=0, a crash, an early stop) holds only that run's log.jsonl, and a fresh run
+    simply starts there, instead of being refused and sent to a resume that has nothing to resume.
+    """
+    ckpt_path, log_path = (os.path.join(config.out_dir, name) for name in ("ckpt.pt", "log.jsonl"))
+    fresh = config.init_from != "resume"
+    if fresh and os.path.exists(ckpt_path):
+        if config.eval_only:  # it would evaluate a new model and log its loss as that run's, at iter 0
+            raise TrainError(
+                f"{config.out_dir} holds a run (ckpt.pt): --eval_only with --init_from={config.init_from} would "
+                f"evaluate another model into its log; add --init_from=resume to evaluate the run's checkpoint, or "
+                f"give another --out_dir"
+            )
+        if not config.overwrite:
+            existing = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(config.out_dir, name))]
+            raise TrainError(
+                f"{config.out_dir} already holds a run ({', '.join(existing)}): continue it with "
+                f"--out_dir={config.out_dir} --init_from=resume, or pass --overwrite=True to replace it with a new run"
+            )
+    elif fresh and not config.eval_only and os.path.exists(log_path):
+        print(f"note: {log_path} is from a run that ended before its first checkpoint; this run replaces it")
     try:
-        os.makedirs(config.out_dir, exist_ok=True)
         probe = os.path.join(config.out_dir, f".write-test-{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
@@ -457,12 +490,12 @@ def check_cuda_graphs(config: TrainConfig, world_size: int):
     runs_as = f"compile_mode={config.compile_mode!r} runs the training step as CUDA graphs"
     other_modes = "or use --compile_mode=default (or max-autotune-no-cudagraphs)"
     if world_size > 1:
-        raise TrainError(
+        raise ConfigError(
             f"{runs_as}, which train.py does not run under DDP ({world_size} processes): DDP would all-reduce "
             f"gradients held in the graphs' memory pool; train on one process, {other_modes}"
         )
     if config.gradient_accumulation_steps > 1:
-        raise TrainError(
+        raise ConfigError(
             f"{runs_as}, whose replay overwrites the gradients of the micro-step before it: with "
             f"gradient_accumulation_steps={config.gradient_accumulation_steps} they would come out wrong; set "
             f"--gradient_accumulation_steps=1 (a larger --batch_size keeps the tokens per step), {other_modes}"
@@ -479,7 +512,7 @@ def build_model(config: TrainConfig, checkpoint: dict | None, data_meta: dict, k
         try:
             model = GPT(GPTConfig(vocab_size=vocab_size, **shape, **sla_settings, **kernels))
         except ValueError as err:  # GPTConfig's own checks name the key
-            raise TrainError(str(err)) from None
+            raise ConfigError(str(err)) from None
     elif config.init_from == "resume":
         model = model_from_checkpoint(checkpoint, dropout=config.dropout, **kernels)
     else:
@@ -492,7 +525,7 @@ def build_model(config: TrainConfig, checkpoint: dict | None, data_meta: dict, k
             )
     model_config = model.config
     if model_config.sla and (model_config.n_skip_heads == 0 or model_config.sla_skip >= model_config.n_layer):
-        raise TrainError(
+        raise ConfigError(
             f"--sla is set but no head would skip: round(sla_head_ratio * n_head) = "
             f"round({model_config.sla_head_ratio} * {model_config.n_head}) = {model_config.n_skip_heads} skip heads, "
             f"and sla_skip = {model_config.sla_skip} must be < n_layer = {model_config.n_layer}; "
@@ -590,7 +623,7 @@ def setup(config: TrainConfig, checkpoint: dict | None, device: str, rank: int) 
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for the few float32 matmuls left outside autocast
     if config.compile_optimizer and dtype == "float16" and not config.eval_only:
-        raise TrainError(
+        raise ConfigError(
             "compile_optimizer: compiles clipping and AdamW's step as one, which float16's loss scaling must run "
             "between (unscale, skip a step that overflowed): use --dtype=bfloat16, or --compile_optimizer=False"
         )
@@ -671,6 +704,8 @@ def open_log(run: Run, progress: Progress):
     """
     config, log_path, wandb_run = run.config, None, None
     if run.master:
+        if config.wandb_log:
+            wandb_run = start_wandb(config)  # first: a wandb that cannot start leaves out_dir as it was
         log_path = os.path.join(config.out_dir, "log.jsonl")
         if config.init_from != "resume" and not config.eval_only:
             with contextlib.suppress(FileNotFoundError):
@@ -681,12 +716,6 @@ def open_log(run: Run, progress: Progress):
             damaged = drop_log_lines_after(log_path, math.inf if config.eval_only else progress.iter_num)
             if damaged:
                 print(f"note: dropped {damaged} damaged line(s) of {log_path} (cut off by a crash or a full disk?)")
-        if config.wandb_log:
-            try:
-                import wandb
-            except ImportError:
-                raise TrainError("wandb_log=True needs wandb: `pip install wandb`, or leave wandb_log off") from None
-            wandb_run = wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=asdict(config))
     log = make_log(log_path, wandb_run)
     log(
         {
@@ -700,6 +729,22 @@ def open_log(run: Run, progress: Progress):
         }
     )
     return log, wandb_run
+
+
+def start_wandb(config: TrainConfig):
+    """A wandb run, or a TrainError that says how to get one (wandb raises errors of its own, with tracebacks)."""
+    try:
+        import wandb
+    except ImportError:
+        raise TrainError("wandb_log=True needs wandb: `pip install wandb`, or leave wandb_log off") from None
+    try:
+        return wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=asdict(config))
+    except Exception as err:  # e.g. UsageError: no API key; CommError: no network
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainError(
+            f"wandb could not start a run ({first_line}): log in once with `wandb login` (or set WANDB_API_KEY), "
+            f"or log offline with WANDB_MODE=offline (`wandb sync` uploads later), or leave --wandb_log off"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- checkpoint state
@@ -1007,6 +1052,7 @@ def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
         if progress.iter_num % config.eval_interval == 0 or finished:
             eval_iters = config.final_eval_iters if finished and config.final_eval_iters else config.eval_iters
             progress.val_losses = run_evaluation(run, progress, eval_iters)
+            stop = stop or stop_agreed(run, stop_requested)  # asked during the evaluation: this save is the last
             val_loss = progress.val_losses[max(run.eval_block_sizes)]  # the longest context is the one SLA is about
             improved = val_loss < progress.best_val_loss
             progress.best_val_loss = min(progress.best_val_loss, val_loss)
@@ -1027,6 +1073,15 @@ def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
     return summary(run, progress)
 
 
+def stop_agreed(run: Run, stop_requested: threading.Event) -> bool:
+    """Whether any rank was asked to stop. Under DDP every rank calls it and all get the same answer, so that all
+    save and leave together (a rank that left alone would leave the others waiting in the next all-reduce)."""
+    votes = torch.tensor(float(stop_requested.is_set()), device=run.device)
+    if run.ddp:
+        dist.all_reduce(votes)
+    return votes.item() > 0
+
+
 def summary(run: Run, progress: Progress) -> dict:
     """Close wandb; the run's summary."""
     if run.wandb_run is not None:
@@ -1041,24 +1096,33 @@ def summary(run: Run, progress: Progress) -> dict:
     }
 
 
-def main(config: TrainConfig, explicit_keys=None) -> dict:
+def main(config: TrainConfig, explicit_keys=None, stop_handler_stays: bool = False) -> dict:
     """
     Train (or, with eval_only, evaluate) as config says; returns a summary of the run. explicit_keys are the keys
     the user set (the command line's: configurator.parse_cli_explicit); on resume they override the checkpoint's
     saved config, which gives every other key. None, for in-process callers, counts each key that differs from
-    TrainConfig's default as set.
+    TrainConfig's default as set. In-process callers get their SIGTERM and SIGINT handlers back at the end, unless
+    stop_handler_stays (for the command line, see cli).
     """
     if explicit_keys is None:
         explicit_keys = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != f.default}
-    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is one process
-    ddp = "RANK" in os.environ
+    # only rank 0 writes out_dir, so only rank 0 locks it; torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    with out_dir_lock(config.out_dir) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():
+        return train_or_evaluate(config, explicit_keys, stop_handler_stays)
+
+
+def train_or_evaluate(config: TrainConfig, explicit_keys, stop_handler_stays: bool) -> dict:
+    """main's work, in out_dir: load the checkpoint to resume, check, join the process group, set up, run."""
+    ddp = "RANK" in os.environ  # a plain `python train.py` is one process
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     checkpoint = None
     if config.init_from == "resume":
-        ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+        ckpt_path = run_checkpoint_path(config.out_dir)
         checkpoint = load_checkpoint(ckpt_path)  # to the CPU: the device may be among the saved settings
         config = resumed_config(config, explicit_keys, checkpoint, ckpt_path, print if rank == 0 else lambda _: None)
-    check_run(config, int(os.environ.get("WORLD_SIZE", 1)), master=rank == 0)
+    check_run(config, int(os.environ.get("WORLD_SIZE", 1)))
+    if rank == 0:
+        check_out_dir(config)
 
     device = resolve_device(config.device)
     if device == "cuda" or (ddp and device.startswith("cuda")):
@@ -1070,35 +1134,136 @@ def main(config: TrainConfig, explicit_keys=None) -> dict:
             dist.init_process_group(backend="nccl", device_id=torch.device(device))
         else:
             dist.init_process_group(backend="gloo")
-    # SIGTERM (cluster preemption) and SIGINT set a flag; the loop finishes its step, saves and exits 0.
-    # The handler then steps aside, so a second signal acts at once.
-    stop_requested = threading.Event()
-
-    def request_stop(signum, frame):
-        print(f"rank {rank}: got {signal.Signals(signum).name}; saving after this step", file=sys.stderr, flush=True)
-        stop_requested.set()
-        signal.signal(signum, previous_handlers[signum] or signal.SIG_DFL)
-
-    previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    for sig in previous_handlers:
-        signal.signal(sig, request_stop)
     run = None
     try:
-        run, progress = setup(config, checkpoint, device, rank)
-        checkpoint = None  # free the loaded tensors
-        if config.eval_only:
-            progress.val_losses = run_evaluation(run, progress, config.final_eval_iters or config.eval_iters)
-            result = summary(run, progress)
-        else:
-            result = fit(run, progress, stop_requested)
-        if ddp:
-            dist.barrier()  # no rank tears the group down while rank 0 still writes
-        return result
+        # From here a stop signal saves (see StopRequest). Before, there is nothing to save, and the signal's default
+        # action ends the process at once, also while it waits in init_process_group, where no Python handler runs
+        # (torchrun stops the workers so when a peer has failed).
+        with stop_requests(rank, keep=stop_handler_stays) as stop_requested:
+            run, progress = setup(config, checkpoint, device, rank)
+            checkpoint = None  # free the loaded tensors
+            if config.eval_only:
+                progress.val_losses = run_evaluation(run, progress, config.final_eval_iters or config.eval_iters)
+                result = summary(run, progress)
+            else:
+                result = fit(run, progress, stop_requested)
+            if ddp:
+                dist.barrier()  # no rank tears the group down while rank 0 still writes
+            return result
     finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
         if ddp:
             close_process_group(run)
+
+
+def run_checkpoint_path(out_dir: str) -> str:
+    """out_dir's ckpt.pt, to resume. A log.jsonl without it is a run that ended before its first save: nothing to
+    resume, and the way on is to start afresh (load_checkpoint's own message covers an out_dir with neither)."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(ckpt_path) and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        raise TrainError(
+            f"{out_dir} holds no checkpoint: its run ended before its first save, so there is nothing to resume; "
+            f"start it afresh (without --init_from=resume)"
+        )
+    return ckpt_path
+
+
+# ----------------------------------------------------------------------------- stopping, and the out_dir lock
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """
+    The handler of SIGTERM (a scheduler's preemption or time limit) and SIGINT (Ctrl-C): it sets a flag, which fit()
+    reads after each step and after each evaluation, then saves and returns. Every later signal, of either kind, only
+    asks again: `timeout` and schedulers that signal a whole process group deliver a signal two or three times within
+    milliseconds, and a second Ctrl-C must neither throw away the steps since the last checkpoint nor cut a save short.
+    SIGKILL ends a run at once (ckpt.pt stays whole: saves go through a temporary file).
+    """
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.requested = threading.Event()
+
+    def __call__(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested.is_set():
+            message = (
+                f"rank {self.rank}: got {name} again; already stopping: the run saves, then exits "
+                f"(kill -KILL {os.getpid()} ends it now, losing the steps since the last checkpoint)"
+            )
+        else:
+            message = f"rank {self.rank}: got {name}; saving after this step"
+        self.requested.set()
+        # os.write, not print: a handler runs between any two bytecodes, maybe inside a print to stderr, whose buffer
+        # raises on a reentrant write
+        os.write(2, (message + "\n").encode())
+
+
+@contextlib.contextmanager
+def stop_requests(rank: int, keep: bool = False):
+    """A StopRequest handles SIGTERM and SIGINT in the block; yields its flag. The previous handlers are restored
+    afterwards, unless keep: then the StopRequest stays, and the caller decides."""
+    handler = StopRequest(rank)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield handler.requested
+    finally:
+        for sig, previous_handler in previous.items():
+            if not keep:
+                signal.signal(sig, signal.SIG_DFL if previous_handler is None else previous_handler)
+
+
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str):
+    """
+    out_dir, made if missing and locked for the block: a second train.py started on it meanwhile is refused, instead
+    of writing its log and checkpoints between this run's. The lock is an flock on out_dir/train.lock, not a pid
+    file: the kernel releases it however the process ends (crash and SIGKILL included), so the lock of a dead run is
+    simply taken over. An out_dir that this run made and leaves holding nothing but the lock file (it failed before
+    writing: data not found, GPT-2 weights not downloadable) is removed again.
+    """
+    created = not os.path.isdir(out_dir)
+    lock_path = os.path.join(out_dir, LOCK_FILE)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise TrainError(f"cannot write to out_dir {out_dir}: {err.strerror or err}") from None
+    try:
+        take_lock(fd, out_dir)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        yield
+    except BaseException:
+        if created and os.listdir(out_dir) == [LOCK_FILE]:
+            os.remove(lock_path)  # while still locked, so that no run takes the lock of a file about to go
+            os.rmdir(out_dir)
+        raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def take_lock(fd: int, out_dir: str):
+    """Lock the open lock file fd without waiting, and write who holds it; a TrainError naming the holder if taken."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        raise TrainError(
+            f"another train.py is running in {out_dir}{f' ({holder})' if holder else ''}: wait for it to end or "
+            f"stop it (SIGTERM saves), or give another --out_dir"
+        ) from None
+    except OSError as err:  # a file system without locks (some network mounts)
+        print(f"note: cannot lock {out_dir}/{LOCK_FILE} ({err.strerror}): a second run there would not be refused")
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
 
 
 def close_process_group(run: Run | None):
@@ -1113,9 +1278,32 @@ def close_process_group(run: Run | None):
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """
+    `python train.py ...`; its exit status: 0 when the run finished, or stopped on a signal and saved; 1 for a
+    TrainError (data, files, a diverged run, another run in out_dir); 2 for a ConfigError (settings that cannot work).
+    """
+    # Until training is set up a stop signal ends the process at once (nothing to save yet; Ctrl-C too, without a
+    # traceback). Then main's StopRequest handles it, and stays after main has returned: the second signal of a pair
+    # may come later, and must not kill a run that has saved.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    config, explicit_keys = parse_cli_explicit(TrainConfig)
     try:
-        main(*parse_cli_explicit(TrainConfig))
+        main(config, explicit_keys, stop_handler_stays=True)
+        return 0
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except TrainError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    finally:
+        # Ignored from here, not just handled: at shutdown Python gives signals with Python handlers back their
+        # default action, and a late signal would still kill the finished process.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -53,6 +53,7 @@ def tiktoken_cache() -> Path:
     """Point tiktoken at the pre-seeded GPT-2 BPE files: no network is needed (or reachable)."""
     cache = _require(SHARED / "tiktoken-cache", "The tiktoken cache with the GPT-2 BPE files")
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    SUBPROCESS_ENV["TIKTOKEN_CACHE_DIR"] = str(cache)  # scripts run as a user runs them, too
     return cache
 
 

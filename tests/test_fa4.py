@@ -23,7 +23,7 @@ import train
 from configurator import ConfigError, parse_config
 from fa4 import FA4_PACKAGE, check_fa4, fa4_causal_attention, resolve_attention
 from model import GPT, GPTConfig
-from train import TrainConfig, TrainError, load_checkpoint, main
+from train import TrainConfig, load_checkpoint, main
 
 
 def reference_attention(q, k, v):
@@ -251,7 +251,7 @@ def test_resume_may_switch_attention(flash_attn_stand_in, fa4_on_the_cpu, byte_d
             with monkeypatch.context() as real:
                 real.setattr(fa4, "check_fa4", check_fa4)  # the real check: FA4 cannot run on the saved cpu
                 resume = TrainConfig(**{**interrupted, "init_from": "resume", "max_iters": 6})
-                with pytest.raises(TrainError, match=r"attention: fa4 runs on CUDA GPUs .* use --attention=sdpa"):
+                with pytest.raises(ConfigError, match=r"attention: fa4 runs on CUDA GPUs .* use --attention=sdpa"):
                     main(resume, explicit_keys={"out_dir", "init_from", "max_iters"})
                 real.setitem(sys.modules, "flash_attn", None)  # sampling needs no flash_attn
                 samples = sample.main(

@@ -299,21 +299,20 @@ def test_evaluation_by_position(byte_data, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("overrides", "error", "message"),
     [
-        ({"data_dir": "/nonexistent/data"}, r"meta.json not found.*prepare_openwebtext.py"),
-        ({"vocab_size": 128}, r"vocab_size 257, more than the model's 128"),
-        ({"block_size": 4_000_000}, r"train.bin holds \d+ tokens.*smaller --block_size"),
-        ({"sla": True, "sla_skip": 2}, r"no head would skip.*sla_skip = 2 must be < n_layer = 2"),
-        ({"sla": True, "sla_head_ratio": 0.2}, r"no head would skip: .* = 0 skip heads"),
-        ({"sla_skip": 0}, r"sla_skip must be >= 1"),
-        ({"eval_block_sizes": (32, 128)}, r"beyond the model's block_size 64.*--eval_block_sizes"),
-        ({"init_from": "resume"}, r"no checkpoint at"),
-        ({"init_from": "/nonexistent/gpt2-folder"}, r"cannot load GPT-2 weights '/nonexistent/gpt2-folder'"),
+        ({"data_dir": "/nonexistent/data"}, TrainError, r"meta.json not found.*prepare_openwebtext.py"),
+        ({"vocab_size": 128}, TrainError, r"vocab_size 257, more than the model's 128"),
+        ({"block_size": 4_000_000}, TrainError, r"train.bin holds \d+ tokens.*smaller --block_size"),
+        ({"sla": True, "sla_skip": 2}, ConfigError, r"no head would skip.*sla_skip = 2 must be < n_layer = 2"),
+        ({"sla": True, "sla_head_ratio": 0.2}, ConfigError, r"no head would skip: .* = 0 skip heads"),
+        ({"eval_block_sizes": (32, 128)}, ConfigError, r"beyond the model's block_size 64.*--eval_block_sizes"),
+        ({"init_from": "resume"}, TrainError, r"no checkpoint at"),
+        ({"init_from": "/nonexistent/gpt2-folder"}, TrainError, r"cannot load GPT-2 weights '/nonexistent/gpt2-fold"),
     ],
 )
-def test_errors_say_what_to_do(byte_data, tmp_path, overrides, message):
-    with pytest.raises(TrainError, match=message):
+def test_errors_say_what_to_do(byte_data, tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
         main(TrainConfig(**{**tiny(byte_data, tmp_path), **overrides}))
 
 
@@ -640,6 +639,14 @@ def test_batches_check_token_ids_that_the_spot_check_did_not_read(tmp_path):
         (["--eval_batch_size=-1"], "eval_batch_size must be >= 0, got -1"),
         (["--learning_rate=nan"], "learning_rate must be >= 0, got nan"),
         (["--dropout=1"], "dropout must be in [0, 1), got 1.0"),
+        (["--sla_skip=0"], "sla_skip must be >= 1"),
+        (["--seed=-1"], "seed must be in [0, 2**31 - 1], got -1"),
+        (["--seed=99999999999"], "seed must be in [0, 2**31 - 1], got 99999999999"),
+        (["--n_embd=32", "--n_head=3"], "n_embd (32) must be divisible by n_head (3)"),
+        (["--sla_head_ratio=2"], "sla_head_ratio must be in [0, 1], got 2.0"),
+        (["--learning_rate=inf"], "learning_rate must be a finite number, got inf"),
+        (["--grad_clip=inf"], "grad_clip must be a finite number, got inf"),
+        (["--min_lr=-inf"], "min_lr must be >= 0, got -inf"),
         (["--device=gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ],
 )

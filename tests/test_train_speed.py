@@ -23,7 +23,7 @@ import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, parse_config, provenance
 from model import KERNEL_KEYS, GPTConfig
-from train import TrainConfig, TrainError, check_run, main
+from train import TrainConfig, check_run, main
 
 PEER = REPO.parent / "shared" / "peers" / "nanogpt"
 
@@ -124,18 +124,18 @@ def test_cuda_graph_modes_refuse_accumulation_and_ddp(byte_data, tmp_path, mode)
         rf"compile_mode='{mode}' runs the training step as CUDA graphs.*gradient_accumulation_steps=2 they would come "
         r"out wrong.*--gradient_accumulation_steps=1"
     )
-    with pytest.raises(TrainError, match=message):
+    with pytest.raises(ConfigError, match=message):
         main(TrainConfig(**settings))
     assert not (tmp_path / "run").exists()
     one_micro_step = TrainConfig(**{**settings, "gradient_accumulation_steps": 2})
-    with pytest.raises(TrainError, match=r"which train.py does not run under DDP \(2 processes\).*one process"):
-        check_run(one_micro_step, world_size=2, master=True)  # 1 micro-step on each of 2 processes
-    check_run(TrainConfig(**{**settings, "gradient_accumulation_steps": 1}), world_size=1, master=True)
+    with pytest.raises(ConfigError, match=r"which train.py does not run under DDP \(2 processes\).*one process"):
+        check_run(one_micro_step, world_size=2)  # 1 micro-step on each of 2 processes
+    check_run(TrainConfig(**{**settings, "gradient_accumulation_steps": 1}), world_size=1)
 
 
 def test_compile_optimizer_refuses_float16(byte_data, tmp_path):
     settings = tiny_settings(byte_data, tmp_path / "run", dtype="float16", compile_optimizer=True)
-    with pytest.raises(TrainError, match=r"compile_optimizer: .* float16's loss scaling .* --dtype=bfloat16"):
+    with pytest.raises(ConfigError, match=r"compile_optimizer: .* float16's loss scaling .* --dtype=bfloat16"):
         main(TrainConfig(**settings))
 
 

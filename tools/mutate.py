@@ -34,6 +34,9 @@ OPTIMIZER_STEPS = f"{PT}::test_first_and_resumed_optimizer_steps_redone_by_hand"
 COUNTERS = f"{PT}::test_always_save_checkpoint_and_counters_carried_through_resume"
 UINT32 = "tests/test_promises_data.py::test_vocabulary_above_65536_is_stored_as_uint32"
 TS = "tests/test_train_speed.py"
+SF = "tests/test_stopping_and_failures.py"
+SECOND_SIGNAL = f"{SF}::test_a_second_stop_signal_changes_nothing"
+PREPARE_SIGNALS = f"{SF}::test_prepare_stopped_by_signals_leaves_nothing_and_says_so_in_one_line"
 
 
 @dataclass(frozen=True)
@@ -134,10 +137,10 @@ MUTATIONS = [
              "if improved or config.always_save_checkpoint or finished or stop:", "if improved or finished or stop:",
              (COUNTERS,)),
     Mutation("sigint_not_handled", "train.py", "SIGINT is not caught (only SIGTERM saves and exits 0)",
-             "for sig in (signal.SIGTERM, signal.SIGINT)}", "for sig in (signal.SIGTERM,)}",
+             "STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)", "STOP_SIGNALS = (signal.SIGTERM,)",
              (f"{PT}::test_sigint_saves_and_exits_zero",)),
     Mutation("sigterm_not_handled", "train.py", "SIGTERM is not caught (only SIGINT)",
-             "for sig in (signal.SIGTERM, signal.SIGINT)}", "for sig in (signal.SIGINT,)}",
+             "STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)", "STOP_SIGNALS = (signal.SIGINT,)",
              ("tests/test_train.py::test_sigterm_saves_and_resumes_to_the_same_losses",)),
     Mutation("divisibility_unchecked", "train.py", "gradient_accumulation_steps not checked against the world size",
              "if config.gradient_accumulation_steps % world_size:", "if False:",
@@ -154,6 +157,71 @@ MUTATIONS = [
              "the DDP wrapper still holds the group at destroy_process_group: gloo's threads live on past it",
              "        run.train_model = run.model  #", "        pass  #",
              ("tests/test_train.py::test_ddp_teardown_joins_gloo_threads_in_destroy_process_group",)),
+    # ---- stop signals, the out_dir lock, one-line errors
+    Mutation("stop_handler_restored_after_first_signal", "train.py", "the stop handler steps aside after the first "
+             "signal: a second SIGTERM or Ctrl-C kills the run before or while it saves",
+             "        self.requested.set()\n",
+             "        self.requested.set()\n        signal.signal(signum, signal.SIG_DFL)\n",
+             (SECOND_SIGNAL, f"{SF}::test_sigterm_to_the_process_group_of_timeout_saves_and_exits_0")),
+    Mutation("stop_signals_killed_after_main", "train.py", "the command line leaves its handler to the interpreter's "
+             "shutdown, which restores the default action: a late second signal kills a run that has saved",
+             "        for sig in STOP_SIGNALS:\n            signal.signal(sig, signal.SIG_IGN)\n",
+             "        pass\n",
+             (SECOND_SIGNAL, f"{SF}::test_sigterm_to_the_process_group_of_timeout_saves_and_exits_0")),
+    Mutation("stop_handler_before_process_group", "train.py", "the stop handler is installed from the start: a "
+             "worker waiting in init_process_group ignores torchrun's SIGTERM after a peer failed (30 s to SIGKILL)",
+             "        signal.signal(sig, signal.SIG_DFL)\n    config, explicit_keys",
+             "        signal.signal(sig, StopRequest(0))\n    config, explicit_keys",
+             (f"{SF}::test_a_worker_waiting_for_its_peers_stops_at_once",)),
+    Mutation("stop_not_checked_after_evaluation", "train.py", "a stop asked during an evaluation saves after it and "
+             "again a step later",
+             "            stop = stop or stop_agreed(run, stop_requested)  #", "            pass  #",
+             (f"{SF}::test_a_stop_during_an_evaluation_saves_once",)),
+    Mutation("no_out_dir_lock", "train.py", "out_dir is not locked: two runs write one log and one checkpoint",
+             "        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "        pass\n",
+             (f"{SF}::test_two_runs_started_at_once_on_one_out_dir_one_is_refused",
+              f"{SF}::test_a_running_run_refuses_a_resume_and_an_evaluation")),
+    Mutation("log_without_checkpoint_is_a_run", "train.py", "an out_dir whose run saved no checkpoint still refuses a "
+             "fresh run (the early-death trap)",
+             "    if fresh and os.path.exists(ckpt_path):",
+             "    if fresh and (os.path.exists(ckpt_path) or os.path.exists(log_path)):",
+             (f"{SF}::test_a_run_that_ended_before_its_first_save_leaves_no_lock_and_no_run",)),
+    Mutation("eval_only_into_a_run", "train.py", "--eval_only without resume evaluates a new model into a run's log",
+             "    if fresh and os.path.exists(ckpt_path):",
+             "    if fresh and not config.eval_only and os.path.exists(ckpt_path):",
+             (f"{SF}::test_eval_only_without_resume_on_a_run_is_refused",)),
+    Mutation("failed_run_leaves_its_out_dir", "train.py", "a run that fails before writing leaves the out_dir it made",
+             "        if created and os.listdir(out_dir) == [LOCK_FILE]:", "        if False:",
+             (f"{SF}::test_bad_settings_are_one_config_error_line_with_status_2",)),
+    Mutation("wandb_error_as_traceback", "train.py", "wandb's own errors (no API key) reach the user as tracebacks",
+             "    except Exception as err:  # e.g. UsageError", "    except ImportError as err:  # e.g. UsageError",
+             (f"{SF}::test_wandb_without_a_login_is_one_error_line_and_leaves_no_out_dir",)),
+    Mutation("seed_unchecked", "train.py", "a seed numpy cannot take passes the config checks",
+             "        if not 0 <= self.seed < 2**31:", "        if False:",
+             (f"{SF}::test_bad_settings_are_one_config_error_line_with_status_2",)),
+    Mutation("infinite_values_pass", "train.py", "--learning_rate=inf and other infinite values pass the config checks",
+             "            if isinstance(value, float) and not math.isfinite(value):", "            if False:",
+             (f"{SF}::test_bad_settings_are_one_config_error_line_with_status_2",)),
+    Mutation("config_error_exits_1", "train.py", "a config error found once the model is built exits 1, not 2",
+             "        print(f\"error: {err}\", file=sys.stderr)\n        return 2\n",
+             "        print(f\"error: {err}\", file=sys.stderr)\n        return 1\n",
+             (f"{SF}::test_bad_settings_are_one_config_error_line_with_status_2",)),
+    Mutation("hub_retried_offline", "checkpoint.py", "GPT-2 weights not in the cache are fetched from an unreachable "
+             "Hub with huggingface_hub's half a minute of retries",
+             "            check_hub_reachable(name_or_dir)\n", "",
+             (f"{SF}::test_gpt2_weights_offline_fail_at_once_unless_cached",)),
+    Mutation("hub_before_cache", "checkpoint.py", "GPT-2 weights are asked of the Hub before the cache: cached weights "
+             "need the network",
+             "                return GPT.from_pretrained(name_or_dir, local_files_only=True, **overrides)\n",
+             "                raise OSError\n",
+             (f"{SF}::test_gpt2_weights_offline_fail_at_once_unless_cached",)),
+    Mutation("prepare_cleanup_not_shielded", "prepare_openwebtext.py", "a second signal interrupts prepare's cleanup "
+             "(a temporary file and the out_dir left) or kills it once done",
+             "    if signal.getsignal(signal.SIGTERM) is stop:", "    if False:",
+             (PREPARE_SIGNALS,)),
+    Mutation("prepare_full_disk_traceback", "prepare_openwebtext.py", "a full disk in prepare is an OSError traceback",
+             "    except OSError as e:  # a full disk", "    except ZeroDivisionError as e:  # a full disk",
+             (f"{SF}::test_prepare_on_a_full_disk_is_one_error_line",)),
     # ---- logging
     Mutation("log_interval_ignored", "train.py", "a train line every step whatever log_interval says",
              "if progress.iter_num % config.log_interval == 0 and run.master:", "if run.master:",
@@ -318,8 +386,8 @@ MUTATIONS = [
              "    if config.gradient_accumulation_steps > 1:\n", "    if False:\n",
              (f"{TS}::test_cuda_graph_modes_refuse_accumulation_and_ddp",)),
     Mutation("cuda_graphs_under_ddp", "train.py", "CUDA-graph compile modes run under DDP unverified",
-             "    if world_size > 1:\n        raise TrainError(\n            f\"{runs_as}",
-             "    if False:\n        raise TrainError(\n            f\"{runs_as}",
+             "    if world_size > 1:\n        raise ConfigError(\n            f\"{runs_as}",
+             "    if False:\n        raise ConfigError(\n            f\"{runs_as}",
              (f"{TS}::test_cuda_graph_modes_refuse_accumulation_and_ddp",)),
     Mutation("compile_optimizer_float16", "train.py", "compile_optimizer runs with float16, compiling around the loss "
              "scaling it needs",
