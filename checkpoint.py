@@ -45,7 +45,7 @@ def save_checkpoint(checkpoint: dict, path: str):
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp_path)
         err = writer.error or err  # torch reports a failed write mid-file only as "unexpected pos"
-        cause = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
         folder = os.path.dirname(os.path.abspath(path))
         kept = f"{path} left as it was" if os.path.exists(path) else f"no {os.path.basename(path)} written"
         raise TrainError(
@@ -74,7 +74,8 @@ class _WholeWrites:
         self.raw_file.flush()
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
+    """An error's message in one line (its first), or its type's name if it has none."""
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
@@ -99,7 +100,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
             f"(they could run code): it is not a checkpoint that train.py wrote"
         ) from None
     except Exception as err:  # a damaged archive fails in many ways; the message names the file
-        raise TrainError(f"{damaged} ({_first_line(err)})") from None
+        raise TrainError(f"{damaged} ({first_line(err)})") from None
     missing = [key for key in READ_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise TrainError(
@@ -126,7 +127,7 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
         # train.py saves the bare model; a torch.compile'd module's state dict has its keys prefixed
         model.load_state_dict({key.removeprefix("_orig_mod."): value for key, value in checkpoint["model"].items()})
     except (TypeError, ValueError, RuntimeError, AttributeError) as err:
-        raise TrainError(f"the checkpoint's weights do not fit its model_args: {_first_line(err)}") from None
+        raise TrainError(f"the checkpoint's weights do not fit its model_args: {first_line(err)}") from None
     return model
 
 
@@ -148,7 +149,7 @@ def pretrained_model(name_or_dir: str, **overrides) -> GPT:
         return GPT.from_pretrained(name_or_dir, **overrides)
     except (OSError, ImportError, ValueError) as err:
         raise TrainError(
-            f"cannot load GPT-2 weights {name_or_dir!r} ({_first_line(err)}): give one of {PRETRAINED}, "
+            f"cannot load GPT-2 weights {name_or_dir!r} ({first_line(err)}): give one of {PRETRAINED}, "
             f"or a Hugging Face GPT-2 folder"
         ) from None
 
@@ -166,7 +167,7 @@ def check_hub_reachable(name: str):
         fill = f"from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{name}')"
         raise TrainError(
             f"GPT-2 weights {name!r} are not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and "
-            f"the Hub cannot be reached ({_first_line(err)}). Where it can be, fill the cache once with the same "
+            f"the Hub cannot be reached ({first_line(err)}). Where it can be, fill the cache once with the same "
             f'HF_HOME (python -c "{fill}"), then set HF_HUB_OFFLINE=1 offline; or pass a local Hugging Face GPT-2 dir'
             f" (the Hub's GPT-2 names: {PRETRAINED})"
         ) from None

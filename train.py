@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (
     RESUME_KEYS,
     TrainError,
+    first_line,
     load_checkpoint,
     model_args,
     model_from_checkpoint,
@@ -153,18 +154,20 @@ class TrainConfig:
         for name in ("dropout", "beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        # the model's shape, as GPTConfig checks it (vocab_size 0 is sized from the data later; the kernels are
-        # chosen once the device is known: build_model)
-        shape = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(GPTConfig)
-            if f.name not in ("vocab_size", *KERNEL_KEYS)
-        }
-        GPTConfig(vocab_size=self.vocab_size or 1, **shape)
+        GPTConfig(vocab_size=self.vocab_size or 1, **self.model_settings())  # the model's shape, as GPTConfig checks it
         check_dtype(self.dtype)
         check_compile_mode(self.compile_mode, self.compile)
         check_attention(self.attention, resolve_device(self.device), self.dtype, self.dropout)
         check_device(self.device)  # after fa4's check, whose message says more about a missing GPU
+
+    def model_settings(self) -> dict:
+        """The GPTConfig keys this config sets: the model's shape and its SLA settings. vocab_size 0 is sized from
+        the data, and the kernels (KERNEL_KEYS) are chosen once the device is known (build_model)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(GPTConfig)
+            if f.name not in ("vocab_size", *KERNEL_KEYS)
+        }
 
 
 EVAL_SEED = 0  # the validation windows' seed: fixed, so every run and every evaluation scores the same windows
@@ -508,9 +511,8 @@ def build_model(config: TrainConfig, checkpoint: dict | None, data_meta: dict, k
     sla_settings = {key: getattr(config, key) for key in ("sla", "sla_head_ratio", "sla_skip")}
     if config.init_from == "scratch":
         vocab_size = config.vocab_size or -(-data_meta["vocab_size"] // 64) * 64
-        shape = {key: getattr(config, key) for key in ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")}
         try:
-            model = GPT(GPTConfig(vocab_size=vocab_size, **shape, **sla_settings, **kernels))
+            model = GPT(GPTConfig(vocab_size=vocab_size, **config.model_settings(), **kernels))
         except ValueError as err:  # GPTConfig's own checks name the key
             raise ConfigError(str(err)) from None
     elif config.init_from == "resume":
@@ -740,9 +742,8 @@ def start_wandb(config: TrainConfig):
     try:
         return wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=asdict(config))
     except Exception as err:  # e.g. UsageError: no API key; CommError: no network
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrainError(
-            f"wandb could not start a run ({first_line}): log in once with `wandb login` (or set WANDB_API_KEY), "
+            f"wandb could not start a run ({first_line(err)}): log in once with `wandb login` (or set WANDB_API_KEY), "
             f"or log offline with WANDB_MODE=offline (`wandb sync` uploads later), or leave --wandb_log off"
         ) from None
 

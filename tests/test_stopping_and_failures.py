@@ -54,7 +54,8 @@ def read_until(process: subprocess.Popen, prefix: str) -> str:
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
     """The rest of its stdout and stderr, once it has ended; one still running after timeout seconds has hung: its
-    process group is killed and the test fails."""
+    process group is killed and the test fails. Not communicate(timeout=...) as in conftest.run_or_fail_if_hung: it
+    reads the pipes' file descriptors and would drop the lines read_until has already buffered."""
     hung = threading.Event()
 
     def kill():
