@@ -1,4 +1,5 @@
-"""experiments/sla_ablation.sh as the campaign runs it: call after call, each starting the runs not yet logged."""
+"""experiments/sla_ablation.sh as the campaign runs it (call after call, each starting the runs not yet logged), and
+the README's table of its results recomputed from the logs committed under results/."""
 
 import json
 import subprocess
@@ -6,6 +7,8 @@ import sys
 from pathlib import Path
 
 from conftest import REPO, SUBPROCESS_ENV
+
+import plot_results
 
 TINY = (  # the 16K ablation's config with a model and a run small enough for a CPU
     "--device=cpu --dtype=float32 --compile=False --n_layer=10 --n_head=4 --n_embd=32 --block_size=64 --batch_size=2"
@@ -113,3 +116,52 @@ def test_head_ratio_runs_follow_the_skip_arms_and_extend_a_ratio_that_beats_0_75
         fake_log(results / f"sla-skip9-ratio0.25-seed{seed}.jsonl", seed, plain[seed] - 0.01, 16384)
         fake_log(results / f"sla-skip9-ratio0.5-seed{seed}.jsonl", seed, plain[seed] - 0.03, 16384)
     assert pending("small-16k", results) == ["sla-skip9-ratio0.5-seed3", "sla-skip9-ratio0.5-seed4"]
+
+
+ACROSS_SIZES = {"small, 16K": ("sla-ablation-16k", 16384), "medium, 8K": ("sla-ablation-medium-8k", 8192)}
+
+
+def readme_rows_across_sizes() -> list[list[str]]:
+    """The cells of the README's "SLA − plain across both sizes" table, one list per row."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("SLA − plain across both sizes"))
+    rows = []
+    for line in lines[start:]:
+        if line.startswith("| ") and not line.startswith("| size") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+def arm_name(cell: str) -> str:
+    """The campaign's arm name for a README arm cell: `sla_skip=9` is sla-skip9, `sla_skip=9, sla_head_ratio=0.5`
+    is sla-skip9-ratio0.5 (a remark in parentheses after the code is not part of it)."""
+    settings = dict(pair.split("=") for pair in cell.split("`")[1].split(", "))
+    ratio = settings.get("sla_head_ratio")
+    return f"sla-skip{settings['sla_skip']}" + (f"-ratio{ratio}" if ratio else "")
+
+
+def test_readme_table_across_sizes_is_recomputed_from_the_committed_logs():
+    """Every row of the README's table equals what plot_results.py computes from results/ today, and every SLA arm
+    logged under the two ablations has a row: a new seed that lands without the README being updated fails here."""
+    rows, seen = readme_rows_across_sizes(), set()
+    for size, arm_cell, layers_cell, heads_cell, seeds_cell, gap_cell, verdict_cell in rows:
+        folder, length = ACROSS_SIZES[size]
+        arm = arm_name(arm_cell)
+        seen.add((size, arm))
+        arms = plot_results.read_ablation(str(REPO / "results" / folder))
+        model = next(iter(arms[arm].values()))["model_args"]
+        assert layers_cell == f"{model['n_layer'] - model['sla_skip']} of {model['n_layer']}", (size, arm, model)
+        assert heads_cell == f"{round(model['sla_head_ratio'] * model['n_head'])} of {model['n_head']}", (size, arm)
+        summary = plot_results.ablation_summary(arms, length)
+        seeds = sorted(summary[arm]["differences"])
+        assert seeds_cell == f"{seeds[0]}–{seeds[-1]}" and seeds == list(range(seeds[0], seeds[-1] + 1)), (size, arm)
+        differences = [summary[arm]["differences"][seed]["all"] for seed in seeds]
+        mean, sd = plot_results.mean_sd(differences)
+        assert gap_cell == f"{mean:.3f} ± {sd:.3f}".replace("-", "−"), (size, arm, mean, sd)
+        verdict = plot_results.told_apart(differences)
+        assert verdict_cell == ("yes" if verdict.startswith("yes, SLA lower") else "no"), (size, arm, verdict)
+    for size, (folder, _length) in ACROSS_SIZES.items():
+        logged = {arm for arm in plot_results.read_ablation(str(REPO / "results" / folder)) if arm != "plain"}
+        assert {arm for row_size, arm in seen if row_size == size} == logged, size
