@@ -467,7 +467,7 @@ def check_out_dir(config: TrainConfig):
                 f"give another --out_dir"
             )
         if not config.overwrite:
-            existing = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(config.out_dir, name))]
+            existing = [os.path.basename(path) for path in (ckpt_path, log_path) if os.path.exists(path)]
             raise TrainError(
                 f"{config.out_dir} already holds a run ({', '.join(existing)}): continue it with "
                 f"--out_dir={config.out_dir} --init_from=resume, or pass --overwrite=True to replace it with a new run"
@@ -508,7 +508,6 @@ def check_cuda_graphs(config: TrainConfig, world_size: int):
 def build_model(config: TrainConfig, checkpoint: dict | None, data_meta: dict, kernels: dict) -> GPT:
     """The model: from scratch, from a checkpoint (init_from=resume), or from released GPT-2 weights; computing with
     kernels (GPTConfig's KERNEL_KEYS), whatever the checkpoint's run used."""
-    sla_settings = {key: getattr(config, key) for key in ("sla", "sla_head_ratio", "sla_skip")}
     if config.init_from == "scratch":
         vocab_size = config.vocab_size or -(-data_meta["vocab_size"] // 64) * 64
         try:
@@ -518,6 +517,7 @@ def build_model(config: TrainConfig, checkpoint: dict | None, data_meta: dict, k
     elif config.init_from == "resume":
         model = model_from_checkpoint(checkpoint, dropout=config.dropout, **kernels)
     else:
+        sla_settings = {key: getattr(config, key) for key in ("sla", "sla_head_ratio", "sla_skip")}
         model = pretrained_model(
             config.init_from, block_size=config.block_size, dropout=config.dropout, **sla_settings, **kernels
         )

@@ -145,16 +145,18 @@ def arm_name(cell: str) -> str:
 def test_readme_table_across_sizes_is_recomputed_from_the_committed_logs():
     """Every row of the README's table equals what plot_results.py computes from results/ today, and every SLA arm
     logged under the two ablations has a row: a new seed that lands without the README being updated fails here."""
+    logs = {
+        size: plot_results.read_ablation(str(REPO / "results" / folder)) for size, (folder, _) in ACROSS_SIZES.items()
+    }
+    summaries = {size: plot_results.ablation_summary(logs[size], length) for size, (_, length) in ACROSS_SIZES.items()}
     rows, seen = readme_rows_across_sizes(), set()
     for size, arm_cell, layers_cell, heads_cell, seeds_cell, gap_cell, verdict_cell in rows:
-        folder, length = ACROSS_SIZES[size]
+        arms, summary = logs[size], summaries[size]
         arm = arm_name(arm_cell)
         seen.add((size, arm))
-        arms = plot_results.read_ablation(str(REPO / "results" / folder))
         model = next(iter(arms[arm].values()))["model_args"]
         assert layers_cell == f"{model['n_layer'] - model['sla_skip']} of {model['n_layer']}", (size, arm, model)
         assert heads_cell == f"{round(model['sla_head_ratio'] * model['n_head'])} of {model['n_head']}", (size, arm)
-        summary = plot_results.ablation_summary(arms, length)
         seeds = sorted(summary[arm]["differences"])
         assert seeds_cell == f"{seeds[0]}–{seeds[-1]}" and seeds == list(range(seeds[0], seeds[-1] + 1)), (size, arm)
         differences = [summary[arm]["differences"][seed]["all"] for seed in seeds]
@@ -162,6 +164,6 @@ def test_readme_table_across_sizes_is_recomputed_from_the_committed_logs():
         assert gap_cell == f"{mean:.3f} ± {sd:.3f}".replace("-", "−"), (size, arm, mean, sd)
         verdict = plot_results.told_apart(differences)
         assert verdict_cell == ("yes" if verdict.startswith("yes, SLA lower") else "no"), (size, arm, verdict)
-    for size, (folder, _length) in ACROSS_SIZES.items():
-        logged = {arm for arm in plot_results.read_ablation(str(REPO / "results" / folder)) if arm != "plain"}
+    for size, arms in logs.items():
+        logged = {arm for arm in arms if arm != "plain"}
         assert {arm for row_size, arm in seen if row_size == size} == logged, size
