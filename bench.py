@@ -7,20 +7,20 @@ measured side by side in one process.
         --out=results/speed/bench-sdpa-vs-nanogpt-h100.jsonl
 
 A shape is model:block_size:batch_size with model one of MODELS. For each shape the plain model, nanoGPT's GPT
-(--peer=DIR: DIR/model.py loaded by path, built with the same shape, bias and vocabulary, dropout 0) and one SLA
-model per --sla_skips entry are built and warmed up (the first step compiles with --compile), then timed round-robin:
---rounds rounds, each running --block_steps steps of every model in turn, so that clock drift and heat hit all of
-them alike. All models of a shape are alive together (--round_robin=False builds, times and frees them one at a time,
-for shapes whose models do not fit on the device together). Every model runs train.py's training step, the function
-train.make_train_step makes (no copy of it here), with one micro-step: autocast, forward with targets (ours: the
-memory-lean loss, --loss_impl=full: nanoGPT's whole-logits loss; nanoGPT: its own forward), the next batch drawn,
-backward, the loss read back and checked, gradient clipping at 1.0, AdamW (fused on CUDA; nanoGPT's own
-configure_optimizers) and zero_grad(set_to_none=True). The steps of a block run back to back; on CUDA each step's
-time is the interval between CUDA events recorded at its start and end. A row reports the median (and mean) over
-all rounds*block_steps timed steps, tokens/s, MFU, peak memory (the model's own resident memory plus the most its
-steps allocated above what was allocated before its block) and ratio_vs_nanogpt (nanoGPT's ms / the row's ms).
-The levers --compile_mode, --compile_optimizer, --sdpa_backend and --attention apply to our models only; nanoGPT
-runs as published (compiled with torch.compile's defaults under --compile).
+(--peer=DIR: DIR/model.py loaded by path, built with the same shape, bias and vocabulary, dropout 0) and one SLA model
+per --sla_skips entry are built and warmed up (the first step compiles with --compile), then timed round-robin: --rounds
+rounds, each running --block_steps steps of every model in turn, so that clock drift and heat hit all of them alike. All
+models of a shape are alive together (--round_robin=False builds, times and frees them one at a time, for shapes whose
+models do not fit on the device together). Every model runs train.py's training step, the function train.make_train_step
+makes (no copy of it here), with one micro-step: autocast, forward with targets (ours: the memory-lean loss,
+--loss_impl=full: nanoGPT's whole-logits loss; nanoGPT: its own forward), the next batch drawn, backward, the loss sent
+to the host, gradient clipping at 1.0, AdamW (fused on CUDA; nanoGPT's own configure_optimizers),
+zero_grad(set_to_none=True), then a wait for the step before and its loss checked. The steps of a block run back to
+back; on CUDA each step's time is the interval between CUDA events recorded at its start and end. A row reports the
+median (and mean) over all rounds*block_steps timed steps, tokens/s, MFU, peak memory (the model's own resident memory
+plus the most its steps allocated above what was allocated before its block) and ratio_vs_nanogpt (nanoGPT's ms / the
+row's ms). The levers --compile_mode, --compile_optimizer, --sdpa_backend and --attention apply to our models only;
+nanoGPT runs as published (compiled with torch.compile's defaults under --compile).
 
 Decode speed (our models) is model.generate with the static KV cache (its decode step compiled with --compile),
 batch 1: --decode_tokens new tokens after a prompt of a length this process has not prefilled before
@@ -564,7 +564,7 @@ def warm_up(contender: Contender, config: BenchConfig, device: str):
         contender.row["n_params"] = contender.model.get_num_params()
         for step in range(config.warmup_steps):
             started = time.perf_counter()
-            loss, _ = contender.train_step()
+            loss = contender.train_step().wait().loss
             synchronize()
             if step == 0:
                 contender.row["first_step_s"] = time.perf_counter() - started
@@ -591,21 +591,21 @@ def run_block(contender: Contender, steps: int, device: str):
         if not device.startswith("cuda"):  # the CPU computes as it goes: the host's clock times each step
             for _ in range(steps):
                 started = time.perf_counter()
-                contender.losses.append(contender.train_step()[0])
+                contender.losses.append(contender.train_step().wait().loss)
                 contender.step_ms.append((time.perf_counter() - started) * 1000)
             return
         torch.cuda.synchronize(device)
         allocated_before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        losses = []
+        outcomes = []
         events[0].record()
         for step in range(steps):
-            losses.append(contender.train_step()[0])
+            outcomes.append(contender.train_step())  # returns once the step before is done, as in train.py
             events[step + 1].record()
         torch.cuda.synchronize(device)
     contender.step_ms += [start.elapsed_time(end) for start, end in itertools.pairwise(events)]
-    contender.losses += losses
+    contender.losses += [outcome.wait().loss for outcome in outcomes]
     contender.step_bytes = max(contender.step_bytes, torch.cuda.max_memory_allocated(device) - allocated_before)
 
 

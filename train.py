@@ -886,24 +886,58 @@ def train_batches(run: Run, start_iter: int):
 
 
 class NonFiniteLoss(ArithmeticError):
-    """A training step's loss is nan or inf; raised before the optimizer step, so the weights are as they were."""
+    """A training step's loss is nan or inf. Raised when the step's loss reaches the host (StepOutcome.wait), once
+    that step's optimizer step is queued: the weights in memory may be spoilt, so nothing is saved after it."""
 
     def __init__(self, loss: float):
         super().__init__(f"loss is {loss}")
         self.loss = loss
 
 
+class StepOutcome:
+    """
+    A training step's mean loss and whether any process asked to stop, copied to the host behind the step without
+    holding the host up: waiting for every step's loss before queuing the next left the device idle while the host
+    launched the optimizer step and the next forward. wait() waits for this step alone (the steps queued after it
+    keep the device busy), sets loss and stop, and raises NonFiniteLoss for a loss that is nan or inf.
+    """
+
+    def __init__(self, loss_and_stop: torch.Tensor, world_size: int):
+        self.world_size = world_size
+        self.loss: float | None = None
+        self.stop: bool | None = None
+        self._ready = None
+        if loss_and_stop.device.type == "cuda":
+            self._on_host = torch.empty(loss_and_stop.shape, dtype=loss_and_stop.dtype, pin_memory=True)
+            self._on_host.copy_(loss_and_stop, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._on_host = loss_and_stop
+
+    def wait(self) -> "StepOutcome":
+        if self.loss is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            loss_total, stop_votes = self._on_host.tolist()
+            self.loss, self.stop = loss_total / self.world_size, stop_votes > 0
+        if not math.isfinite(self.loss):
+            raise NonFiniteLoss(self.loss)
+        return self
+
+
 def make_train_step(model, forward, optimizer, batches, *, micro_steps=1, grad_clip=1.0, autocast=None, scaler=None,
                     ddp_model=None, compile_optimizer=False):  # fmt: skip
     """
-    The training step, as train.py trains with it and bench.py times it. step(stop_requested=False) takes one
-    optimizer step of model and returns (its mean loss, whether any process asked to stop):
+    The training step, as train.py trains with it and bench.py times it. step(stop_requested=False) queues one
+    optimizer step of model on its device, waits for the step before it (so the host stays one step ahead of the
+    device, never waiting for the step it just queued) and returns the new step's StepOutcome, not waited for:
     - micro_steps forward passes forward(inputs, targets) -> loss under autocast, each followed by the next batch
       drawn from the iterator batches (while the device works) and the backward of loss / micro_steps (through
       scaler, float16's loss scaling, if given). Under DDP (ddp_model, the DDP wrapper) only the last micro-step's
       backward all-reduces the gradients;
-    - the mean loss and the stop request, all-reduced together under DDP so that every process agrees on both; a
-      non-finite loss raises NonFiniteLoss before the weights change;
+    - the mean loss and the stop request, all-reduced together under DDP so that every process agrees on both, and
+      sent to the host (StepOutcome); the wait for the step before raises NonFiniteLoss if its loss was not finite;
     - clipping at grad_clip (0: none) and the optimizer's step, compiled together with compile_optimizer (PyTorch's
       compiled-optimizer recipe; the optimizer then made by configure_optimizers(for_compile=True)), and the
       gradients set to None.
@@ -928,9 +962,10 @@ def make_train_step(model, forward, optimizer, batches, *, micro_steps=1, grad_c
     if compile_optimizer:
         clip_and_step = torch.compile(clip_and_step)
     batch = next(batches)
+    previous = None  # the last step's outcome
 
-    def step(stop_requested: bool = False) -> tuple[float, bool]:
-        nonlocal batch
+    def step(stop_requested: bool = False) -> StepOutcome:
+        nonlocal batch, previous
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are used up, reuse them
         # micro-steps: forward, backward, and the next batch fetched while the device works
         loss_sum = torch.zeros((), device=device)
@@ -945,23 +980,24 @@ def make_train_step(model, forward, optimizer, batches, *, micro_steps=1, grad_c
                 scaler.scale(loss / micro_steps).backward()
             loss_sum += loss.detach()
 
-        # loss all-reduce and divergence check: one all-reduce carries the loss and the stop flag, so all ranks
-        # agree on both (waiting for it costs little: a step is many micro-steps long)
+        # loss all-reduce: one all-reduce carries the loss and the stop flag, so all ranks agree on both
         loss_and_stop = torch.stack([loss_sum / micro_steps, loss_sum.new_tensor(stop_requested)])
         world_size = 1
         if ddp_model is not None:
             dist.all_reduce(loss_and_stop)
             world_size = dist.get_world_size()
-        loss_total, stop_votes = loss_and_stop.tolist()
-        mean_loss = loss_total / world_size
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLoss(mean_loss)
+        outcome = StepOutcome(loss_and_stop, world_size)
 
         # optimizer step
         clip_and_step()
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return mean_loss, stop_votes > 0
+
+        # the step before: done by now or soon (this one is queued behind it); its loss checked
+        if previous is not None:
+            previous.wait()
+        previous = outcome
+        return outcome
 
     return step
 
@@ -1031,26 +1067,34 @@ def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
         ddp_model=run.train_model if run.ddp else None, compile_optimizer=config.compile_optimizer,
     )  # fmt: skip
     clock = StepClock(progress.iter_num)
+    outcome = None  # the last step's loss and stop votes, on their way to the host
     while progress.iter_num < config.max_iters:
         # learning rate
         lr = get_lr(progress.iter_num, config)
         set_learning_rate(run.optimizer, lr)
 
-        # micro-steps, loss all-reduce and divergence check, optimizer step (make_train_step)
+        # micro-steps, loss all-reduce, optimizer step (make_train_step): queued on the device; the call returns once
+        # the step before is done, its loss checked. This step's loss is waited for only where it is needed
+        previous = outcome
         try:
-            progress.train_loss, stop = train_step(stop_requested.is_set())
+            outcome = train_step(stop_requested.is_set())  # a non-finite loss here is the step before's: iter_num
+            progress.iter_num += 1
+            progress.tokens_seen += run.tokens_per_iter
+            finished = progress.iter_num == config.max_iters
+            evaluating = progress.iter_num % config.eval_interval == 0 or finished
+            stop = previous is not None and previous.stop  # asked for by the step before's votes: all ranks agree
+            if progress.iter_num % config.log_interval == 0 or evaluating or stop:  # same on every rank
+                progress.train_loss = outcome.wait().loss
+                stop = stop or outcome.stop
         except NonFiniteLoss as err:
-            raise diverged(f"loss is {err.loss} at iter {progress.iter_num + 1}", run, progress) from None
-        progress.iter_num += 1
-        progress.tokens_seen += run.tokens_per_iter
+            raise diverged(f"loss is {err.loss} at iter {progress.iter_num}", run, progress) from None
 
         # logging
         if progress.iter_num % config.log_interval == 0 and run.master:
             log_step(run, progress, lr, clock)
 
         # evaluation and checkpoint
-        finished = progress.iter_num == config.max_iters
-        if progress.iter_num % config.eval_interval == 0 or finished:
+        if evaluating:
             eval_iters = config.final_eval_iters if finished and config.final_eval_iters else config.eval_iters
             progress.val_losses = run_evaluation(run, progress, eval_iters)
             stop = stop or stop_agreed(run, stop_requested)  # asked during the evaluation: this save is the last

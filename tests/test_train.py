@@ -23,13 +23,16 @@ from conftest import tiny_settings as tiny
 from torch.nn import functional as F
 
 from configurator import ConfigError, parse_config
+from model import GPT, GPTConfig
 from train import (
+    NonFiniteLoss,
     TrainConfig,
     TrainError,
     eval_window_starts,
     get_lr,
     load_checkpoint,
     main,
+    make_train_step,
     model_from_checkpoint,
     open_tokens,
     position_buckets,
@@ -160,7 +163,8 @@ def test_ddp_teardown_joins_gloo_threads_in_destroy_process_group(byte_data, tmp
 def test_sigterm_to_torchruns_workers_saves_and_exits_0(byte_data, tmp_path):
     """As the README says: SIGTERM to the workers stops the run gracefully (all save once, torchrun exits 0);
     SIGTERM to torchrun itself also saves (torchrun passes it on), but torchrun exits 1 with a traceback."""
-    settings = tiny(byte_data, tmp_path, max_iters=100_000, eval_interval=100_000)
+    # between log lines a stop request is read one step late (the step's outcome is waited for during the next)
+    settings = tiny(byte_data, tmp_path, max_iters=100_000, eval_interval=100_000, log_interval=7)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for target, expected_returncode in (("workers", 0), ("torchrun", 1)):
         out_dir = tmp_path / target
@@ -169,7 +173,7 @@ def test_sigterm_to_torchruns_workers_saves_and_exits_0(byte_data, tmp_path):
             command, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         for line in process.stdout:
-            if line.startswith("iter 2:"):
+            if line.startswith("iter 7:"):
                 break
         workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         assert len(workers) == 2
@@ -251,6 +255,44 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(byte_data, tmp_path
         main(TrainConfig(**diverging))
     assert hashlib.sha256((tmp_path / "ckpt.pt").read_bytes()).hexdigest() == checkpoint_bytes
     assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_a_step_returns_before_its_loss_is_read_and_the_next_step_checks_it():
+    """make_train_step's step queues its work and returns without waiting for its own loss: the next call waits for
+    it, and raises NonFiniteLoss for it, as does waiting for it directly."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    batches = iter(lambda: (torch.randint(0, 32, (2, 16)), torch.randint(0, 32, (2, 16))), None)
+    poisoned_calls = {2}  # the second step's loss is nan
+    calls = []
+
+    def forward(inputs, targets):
+        calls.append(None)
+        loss = model(inputs, targets)[1]
+        return loss * float("nan") if len(calls) in poisoned_calls else loss
+
+    step = make_train_step(model, forward, optimizer, batches)
+    first = step()
+    assert first.loss is None  # not read yet
+    second = step(stop_requested=True)
+    assert math.isfinite(first.loss) and first.stop is False and second.loss is None
+    with pytest.raises(NonFiniteLoss, match="loss is nan"):
+        step()  # the third step's call checks the second
+    with pytest.raises(NonFiniteLoss, match="loss is nan"):
+        second.wait()
+    assert second.stop is True
+
+
+def test_a_non_finite_loss_between_log_lines_names_its_iter(byte_data, tmp_path):
+    """Between log lines and evaluations a step's loss is read during the next step: the error still names the
+    step whose loss was not finite, and nothing is saved."""
+    settings = tiny(byte_data, tmp_path, max_iters=50, eval_interval=50, log_interval=25)
+    # a huge constant learning rate blows the weights up in the first step: the second step's loss is nan
+    diverging = {**settings, "learning_rate": 1e30, "decay_lr": False}
+    with pytest.raises(TrainError, match=r"loss is nan at iter 2: training stopped, no checkpoint was saved"):
+        main(TrainConfig(**diverging))
+    assert not (tmp_path / "ckpt.pt").exists()
 
 
 def test_eval_only_on_another_data_dir(byte_data, tmp_path, owt_jsonl):
