@@ -48,8 +48,9 @@ def read_run(path: str) -> dict:
             {k: v for k, v in record.items() if "/loss@" in k and "/pos" not in k and not k.startswith("train/")}
         )
     model_args = next((r["model_args"] for r in records if "model_args" in r), None)
+    gpus = sorted({r["provenance"]["device"] for r in records if r.get("provenance", {}).get("device")})
     return {"name": log.parent.name if log.name == "log.jsonl" else log.stem, "config": configs[0], "evals": evals,
-            "final": final, "model_args": model_args}  # fmt: skip
+            "final": final, "model_args": model_args, "gpus": gpus}  # fmt: skip
 
 
 def pair_runs(runs: list[dict]) -> list[tuple[dict | None, dict | None]]:
@@ -141,7 +142,7 @@ ABLATION_LOG = re.compile(r"(?P<arm>plain|sla-[a-z0-9.-]+?)-seed(?P<seed>\d+)\.j
 T_CRITICAL_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def read_ablation(folder: str) -> dict[str, dict[int, dict]]:
+def read_ablation(folder: str, need_plain: bool = True) -> dict[str, dict[int, dict]]:
     """{arm: {seed: run}} from a folder of <arm>-seed<N>.jsonl logs."""
     arms: dict[str, dict[int, dict]] = defaultdict(dict)
     for log in sorted(Path(folder).glob("*.jsonl")):
@@ -149,9 +150,14 @@ def read_ablation(folder: str) -> dict[str, dict[int, dict]]:
         if match is None:
             raise SystemExit(f"error: {log} is not named <arm>-seed<N>.jsonl (arm: plain or sla-...)")
         arms[match["arm"]][int(match["seed"])] = read_run(str(log))
-    if "plain" not in arms:
+    if need_plain and "plain" not in arms:
         raise SystemExit(f"error: {folder} holds no plain-seed<N>.jsonl: the SLA arms are compared with plain")
     return dict(arms)
+
+
+def seed_gpus(arms: dict) -> list[tuple[int, str]]:
+    """(seed, GPU model) for every GPU model that a seed's runs ran on, from the logs' provenance lines."""
+    return sorted({(seed, gpu) for runs in arms.values() for seed, run in runs.items() for gpu in run["gpus"]})
 
 
 def final_metrics(run: dict, length: int) -> dict[str, float]:
@@ -439,6 +445,7 @@ def main(argv=None):
     parser.add_argument("--best_sla_arm", action="store_true", help="--ablation: print the SLA arm of lowest mean")
     parser.add_argument("--among", nargs="+", metavar="ARM", help="--best_sla_arm: rank only these arms")
     parser.add_argument("--told_apart", metavar="ARM", help="--ablation: print yes or no: is ARM − plain told apart")
+    parser.add_argument("--seed_gpus", action="store_true", help="--ablation: print 'seed<TAB>GPU model' lines")
     parser.add_argument("--gap", nargs="+", metavar="DIR", help="ablation folders: SLA − plain against tokens")
     parser.add_argument("--png", help="write the plot here (needs matplotlib)")
     parser.add_argument("--table", help="also write the markdown table to this file")
@@ -454,6 +461,10 @@ def main(argv=None):
         if args.png:
             plot_gaps(args.gap, args.png)
         return table
+    if args.ablation and args.seed_gpus:
+        lines = "".join(f"{seed}\t{gpu}\n" for seed, gpu in seed_gpus(read_ablation(args.ablation, need_plain=False)))
+        print(lines, end="")
+        return lines
     if args.ablation:
         arms = read_ablation(args.ablation)
         length = args.length or longest_length(arms)

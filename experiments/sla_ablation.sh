@@ -7,7 +7,7 @@
 #
 #   bash experiments/sla_ablation.sh [small-16k|medium-8k]      # the next runs not yet logged, one per GPU
 #   bash experiments/sla_ablation.sh medium-8k sla-skip15-seed2 # this run only (names: <arm>-seed<N>)
-#   bash experiments/sla_ablation.sh medium-8k --pending        # list the runs still to do, in order, and exit
+#   bash experiments/sla_ablation.sh medium-8k --pending        # list the runs still to do here, in order, and exit
 #   python plot_results.py --ablation results/sla-ablation-medium-8k --png results/sla-ablation-medium-8k/ablation.png
 #
 # The campaign spans many GPU calls: a run whose log sits in results/sla-ablation-<ablation>/ is done, and each call
@@ -102,8 +102,34 @@ pending() {  # the runs of the plan not yet logged
     for run in $(plan); do logged "$run" || echo "$run"; done
 }
 
+# A seed's runs share one GPU model, so that a card cannot pass for SLA's effect in the paired differences: the runs
+# this script picks skip a seed whose logged runs (their provenance lines) ran on another model than GPU_MODEL, this
+# machine's GPU 0 by default. Empty (no GPU) picks any seed; a run named on the command line runs regardless.
+if [ -z "${GPU_MODEL+set}" ]; then  # a plain assignment: a failure in it stops the script
+    GPU_MODEL=$($PYTHON -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')
+fi
+
+for_this_gpu() {  # those of the runs given whose seed has no logged run on another GPU model
+    local run seed other gpus
+    if [ -z "$GPU_MODEL" ]; then
+        [ $# -eq 0 ] || printf '%s\n' "$@"
+        return 0
+    fi
+    gpus=$(ask_logs --seed_gpus)
+    for run in "$@"; do
+        seed=${run##*-seed}
+        other=$(awk -F'\t' -v seed="$seed" -v gpu="$GPU_MODEL" '$1 == seed && $2 != gpu {print $2; exit}' <<< "$gpus")
+        if [ -z "$other" ]; then
+            echo "$run"
+        else
+            echo "skipping $run: seed $seed ran on $other, this GPU is $GPU_MODEL (name the run to run it here)" >&2
+        fi
+    done
+}
+
 if [ "${1:-}" = --pending ]; then
-    pending
+    pending_runs=$(pending)  # not a process substitution: a failure in it must stop the script
+    for_this_gpu $pending_runs
     exit 0
 fi
 
@@ -149,6 +175,7 @@ if [ $# -gt 0 ]; then
     runs=("$@")
 else
     pending_runs=$(pending)  # not a process substitution: a failure in it must stop the script
+    pending_runs=$(for_this_gpu $pending_runs)
     runs=($pending_runs)  # run names hold no spaces
 fi
 GPUS=$($PYTHON -c 'import torch; print(max(1, torch.cuda.device_count()))')

@@ -57,22 +57,52 @@ def test_each_call_starts_the_next_runs_not_yet_logged(byte_data, tmp_path):
     assert (config["sla"], config["sla_skip"], config["sla_head_ratio"], config["seed"]) == (True, 3, 0.75, 1)
 
 
-def fake_log(path: Path, seed: int, final_loss: float, length: int):
-    """A log with what the campaign's plan reads: its config and evaluations at `length` (the final one last)."""
+def fake_log(path: Path, seed: int, final_loss: float, length: int, gpu: str | None = None):
+    """A log with what the campaign's plan reads: its config (and the GPU it ran on) and evaluations at `length` (the
+    final one last)."""
+    provenance = {} if gpu is None else {"provenance": {"device": gpu}}
     records = [
-        {"iter": 0, "tokens": 0, "config": {"seed": seed, "block_size": length}},
+        {"iter": 0, "tokens": 0, "config": {"seed": seed, "block_size": length}, **provenance},
         {"iter": 500, "tokens": 500, f"val/loss@{length}": final_loss + 0.5},
         {"iter": 1000, "tokens": 1000, f"val/loss@{length}": final_loss},
     ]
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
-def pending(ablation: str, results: Path, log_dest: Path | None = None) -> list[str]:
-    env = {**SUBPROCESS_ENV, "RESULTS": str(results), "LOG_DEST": str(log_dest or results), "PYTHON": sys.executable}
+def pending(ablation: str, results: Path, log_dest: Path | None = None, gpu: str = "", notes: list | None = None):
+    """The runs the campaign would start next on a machine whose GPU is gpu ("": none); its notes on stderr go to
+    notes."""
+    env = {**SUBPROCESS_ENV, "RESULTS": str(results), "LOG_DEST": str(log_dest or results), "PYTHON": sys.executable,
+           "GPU_MODEL": gpu}  # fmt: skip
     done = subprocess.run(["bash", str(REPO / "experiments" / "sla_ablation.sh"), ablation, "--pending"], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+    if notes is not None:
+        notes += done.stderr.splitlines()
     return done.stdout.split()
+
+
+def test_a_seeds_runs_stay_on_the_gpu_model_its_first_runs_had(tmp_path):
+    """A seed whose logged runs name a GPU model is left to machines with that model, so that the paired differences
+    do not mix cards; a seed without logged runs, or a machine without a GPU, takes any."""
+    results = tmp_path / "results"
+    results.mkdir()
+    for arm in ("plain", "sla-skip9", "sla-skip15"):
+        for seed in (1, 2):
+            fake_log(results / f"{arm}-seed{seed}.jsonl", seed, 3.0, 8192, gpu="GPU A")
+    fake_log(results / "plain-seed3.jsonl", 3, 3.0, 8192, gpu="GPU A")
+    seeds_3_and_4 = ["sla-skip9-seed3", "sla-skip15-seed3", "plain-seed4", "sla-skip9-seed4", "sla-skip15-seed4"]
+    assert pending("medium-8k", results, gpu="GPU A") == seeds_3_and_4
+    assert pending("medium-8k", results, gpu="") == seeds_3_and_4
+    notes = []
+    assert pending("medium-8k", results, gpu="GPU B", notes=notes) == seeds_3_and_4[2:]
+    assert notes == [
+        f"skipping {run}: seed 3 ran on GPU A, this GPU is GPU B (name the run to run it here)"
+        for run in seeds_3_and_4[:2]
+    ]
+    # once seed 4 has a run on GPU B, GPU A's machines leave it alone
+    fake_log(results / "plain-seed4.jsonl", 4, 3.0, 8192, gpu="GPU B")
+    assert pending("medium-8k", results, gpu="GPU A") == seeds_3_and_4[:2]
 
 
 def test_medium_campaign_adds_seeds_5_and_6_only_while_the_best_gap_is_not_told_apart(tmp_path):
