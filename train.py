@@ -1081,16 +1081,17 @@ def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
             progress.iter_num += 1
             progress.tokens_seen += run.tokens_per_iter
             finished = progress.iter_num == config.max_iters
+            log_due = progress.iter_num % config.log_interval == 0
             evaluating = progress.iter_num % config.eval_interval == 0 or finished
             stop = previous is not None and previous.stop  # asked for by the step before's votes: all ranks agree
-            if progress.iter_num % config.log_interval == 0 or evaluating or stop:  # same on every rank
+            if log_due or evaluating or stop:  # the same on every rank
                 progress.train_loss = outcome.wait().loss
                 stop = stop or outcome.stop
         except NonFiniteLoss as err:
             raise diverged(f"loss is {err.loss} at iter {progress.iter_num}", run, progress) from None
 
         # logging
-        if progress.iter_num % config.log_interval == 0 and run.master:
+        if log_due and run.master:
             log_step(run, progress, lr, clock)
 
         # evaluation and checkpoint

@@ -224,7 +224,7 @@ MUTATIONS = [
              (f"{SF}::test_prepare_on_a_full_disk_is_one_error_line",)),
     # ---- logging
     Mutation("log_interval_ignored", "train.py", "a train line every step whatever log_interval says",
-             "if progress.iter_num % config.log_interval == 0 and run.master:", "if run.master:",
+             "if log_due and run.master:", "if run.master:",
              (f"{PT}::test_log_interval_and_the_logged_rates",)),
     Mutation("ms_per_step_not_per_step", "train.py", "ms_per_step is the time since the last line, not per step",
              "seconds_per_step = (now - self.time) / (iter_num - self.iter_num)", "seconds_per_step = now - self.time",
