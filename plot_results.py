@@ -137,6 +137,7 @@ def plot(pairs, png: str):
 
 # ---------------------------------------------------------------------------- the ablation over arms and seeds
 
+ABLATION_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "max_iters")  # what every run of an ablation shares
 ABLATION_LOG = re.compile(r"(?P<arm>plain|sla-[a-z0-9.-]+?)-seed(?P<seed>\d+)\.jsonl")
 # two-sided 95% critical values of Student's t by degrees of freedom (n - 1 paired seeds)
 T_CRITICAL_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -150,6 +151,13 @@ def read_ablation(folder: str, need_plain: bool = True) -> dict[str, dict[int, d
         if match is None:
             raise SystemExit(f"error: {log} is not named <arm>-seed<N>.jsonl (arm: plain or sla-...)")
         arms[match["arm"]][int(match["seed"])] = read_run(str(log))
+    # run names repeat across ablations (sla-skip9-seed3 is in both): a log of another one must stop, not mix in
+    runs = [run for by_seed in arms.values() for run in by_seed.values()]
+    shape = lambda run: {key: run["config"].get(key) for key in ABLATION_SHAPE}  # noqa: E731
+    for run in runs[1:]:
+        if shape(run) != shape(runs[0]):
+            raise SystemExit(f"error: {log.parent}: {run['name']} trained {shape(run)}, {runs[0]['name']} "
+                             f"{shape(runs[0])}; one folder (and one LOG_DEST) holds one ablation's logs")  # fmt: skip
     if need_plain and "plain" not in arms:
         raise SystemExit(f"error: {folder} holds no plain-seed<N>.jsonl: the SLA arms are compared with plain")
     return dict(arms)

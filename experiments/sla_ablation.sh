@@ -22,7 +22,8 @@
 # held out; results/.../prepare-pysrc.json records its token counts, and a machine whose corpus differs stops. New
 # logs go to $LOG_DEST. On a machine whose output folder starts empty at each call, keep LOG_DEST (and WORK, the
 # prepared corpus) on the machine's own disk and copy the logs out after each call: the next call on the same
-# machine then starts the runs after them. Needs datasets (prepare) and tiktoken's BPE files (TIKTOKEN_CACHE_DIR
+# machine then starts the runs after them. Each ablation needs its own LOG_DEST: run names repeat across the two,
+# and a folder that mixes them stops the script. Needs datasets (prepare) and tiktoken's BPE files (TIKTOKEN_CACHE_DIR
 # offline).
 set -euo pipefail
 shopt -s inherit_errexit  # a failed plot_results.py call inside $(...) stops the script too
@@ -98,8 +99,9 @@ plan() {  # every run the campaign wants by now, in the order to run them
 }
 
 pending() {  # the runs of the plan not yet logged
-    local run
-    for run in $(plan); do logged "$run" || echo "$run"; done
+    local planned run
+    planned=$(plan)  # a plain assignment: a failure in plan stops the script (a for loop's $(...) would hide it)
+    for run in $planned; do logged "$run" || echo "$run"; done
 }
 
 # A seed's runs share one GPU model, so that a card cannot pass for SLA's effect in the paired differences: the runs

@@ -148,6 +148,26 @@ def test_head_ratio_runs_follow_the_skip_arms_and_extend_a_ratio_that_beats_0_75
     assert pending("small-16k", results) == ["sla-skip9-ratio0.5-seed3", "sla-skip9-ratio0.5-seed4"]
 
 
+def test_a_log_folder_holding_another_ablations_run_stops_the_campaign(tmp_path):
+    """Run names repeat across the two ablations: a machine's LOG_DEST that still holds a medium-8k run must stop
+    a small-16k call, not pass that run off as the small one of the same name and start nothing."""
+    results, device_logs = tmp_path / "results", tmp_path / "device-logs"
+    results.mkdir()
+    device_logs.mkdir()
+    for seed in (1, 2):
+        for arm in ("plain", "sla-skip9", "sla-skip3", "sla-skip1"):
+            fake_log(results / f"{arm}-seed{seed}.jsonl", seed, 3.0, 16384)
+    assert pending("small-16k", results, device_logs)[:1] == ["plain-seed3"]
+    fake_log(device_logs / "sla-skip9-seed2.jsonl", 2, 2.8, 8192)  # the medium campaign's, on the same machine
+    env = {**SUBPROCESS_ENV, "RESULTS": str(results), "LOG_DEST": str(device_logs), "PYTHON": sys.executable,
+           "GPU_MODEL": ""}  # fmt: skip
+    done = subprocess.run(["bash", str(REPO / "experiments" / "sla_ablation.sh"), "small-16k", "--pending"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and done.stdout == "", done.stdout
+    assert "sla-skip9-seed2 trained {'n_layer': None, 'n_head': None, 'n_embd': None, 'block_size': 8192" in done.stderr
+    assert "one folder (and one LOG_DEST) holds one ablation's logs" in done.stderr
+
+
 ACROSS_SIZES = {"small, 16K": ("sla-ablation-16k", 16384), "medium, 8K": ("sla-ablation-medium-8k", 8192)}
 
 

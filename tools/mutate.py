@@ -476,6 +476,14 @@ MUTATIONS = [
              "also one whose mean is above ratio 0.75's",
              '--among sla-skip9 "$arm")" = "$arm" ]', '--among sla-skip9 "$arm")" != none ]',
              ("tests/test_sla_ablation.py::test_head_ratio_runs_follow_the_skip_arms_and_extend_a_ratio_that_beats_0_75",)),
+    Mutation("campaign_plan_failure_hidden", "experiments/sla_ablation.sh", "a failure inside the campaign's plan "
+             "is swallowed by the for loop over it: a call starts nothing and says every run is logged",
+             "planned=$(plan)  # a plain assignment", "planned=$(plan || true)  # a plain assignment",
+             ("tests/test_sla_ablation.py::test_a_log_folder_holding_another_ablations_run_stops_the_campaign",)),
+    Mutation("ablation_logs_mixed", "plot_results.py", "an ablation folder takes a log of another ablation (another "
+             "model or context) as one of its runs",
+             "if shape(run) != shape(runs[0]):", "if False:",
+             ("tests/test_sla_ablation.py::test_a_log_folder_holding_another_ablations_run_stops_the_campaign",)),
     Mutation("cost_flops_without_unread_kv", "plot_results.py", "the cost table counts the K/V rows that SLA "
              "layers leave out of c_attn",
              "(flops - 6 * unread_kv_rows * sla.n_embd) / flops", "1.0",
