@@ -287,6 +287,7 @@ def write_split(pool, name: str, rows: np.ndarray, nbytes: np.ndarray, path: str
     # Sequential writes rather than a pre-sized np.memmap: the token count is only known at the end.
     with open(path, "wb") as f, tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {name}") as bar:
         for job, ids in zip(jobs, results, strict=True):
+            raise_if_stopped()
             f.write(ids.tobytes())
             tokens, docs = tokens + len(ids), docs + len(job)
             bar.update(int(nbytes[job].sum()))
@@ -334,6 +335,7 @@ def _prepare(args, argv: list[str], out_dir: Path, tokenizer: Tokenizer) -> dict
     t_start = time.perf_counter()
     ds, source = load_corpus(args)
     load_seconds = time.perf_counter() - t_start
+    raise_if_stopped()
 
     import pyarrow.compute as pc
 
@@ -345,6 +347,7 @@ def _prepare(args, argv: list[str], out_dir: Path, tokenizer: Tokenizer) -> dict
     try:
         if args.num_proc > 1:
             pool = multiprocessing.Pool(args.num_proc, _init_worker, (ds, tokenizer.name))
+            raise_if_stopped()
         _WORKER.update(ds=ds, tok=tokenizer)  # for the in-process path of --num_proc 1
         t_tokenize = time.perf_counter()
         for name, rows in (("train", train_rows), ("val", val_rows)):
@@ -360,6 +363,7 @@ def _prepare(args, argv: list[str], out_dir: Path, tokenizer: Tokenizer) -> dict
         temps["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
         # All is written: from here a stop signal no longer interrupts, so the outputs land as a whole. meta.json is
         # the completion marker: the old one goes first, the new one lands last.
+        raise_if_stopped()
         uninterruptible()
         (out_dir / "meta.json").unlink(missing_ok=True)
         for name in OUTPUTS:
@@ -437,7 +441,9 @@ def report_failure(error: BaseException) -> int:
     stopped = _in_chain(error, KeyboardInterrupt)  # a library may turn our Stopped into an error of its own
     if stopped is not None:
         signum = getattr(stopped, "signum", signal.SIGINT)
-        print(f"interrupted by {signal.Signals(signum).name}: temporary files removed, no new meta.json written",
+        # on a line of its own: the signal may have landed in a progress bar's close(), between its last state and
+        # the newline after it
+        print(f"\ninterrupted by {signal.Signals(signum).name}: temporary files removed, no new meta.json written",
               file=sys.stderr)  # fmt: skip
         return 128 + signum
     if isinstance(error, PrepareError):
@@ -472,8 +478,25 @@ def stop(signum, frame):
     signal a whole process group deliver a signal two or three times within milliseconds, and a second Stopped
     raised inside the cleanup would cut it short, leaving a temporary file (of any size) and the out_dir behind.
     """
+    global _stop_signal
     uninterruptible()
+    _stop_signal = signum
     raise Stopped(signum)
+
+
+_stop_signal: int | None = None  # the stop signal received, if any: see raise_if_stopped
+
+
+def raise_if_stopped() -> None:
+    """
+    Raise Stopped again for a stop signal whose first Stopped Python swallowed. A handler runs wherever the main thread
+    is, and an exception raised inside an at-fork hook, a finalizer or a weakref callback is printed as "Exception
+    ignored" and dropped: a signal that arrives while datasets or our pool forks (it stays pending across the fork, see
+    stop_on_signals, and lands in the hooks) would let the run go on to the end with every later signal ignored.
+    Called where the run can stop cleanly: after loading, after starting the pool, after each job, before the renames.
+    """
+    if _stop_signal is not None:
+        raise Stopped(_stop_signal)
 
 
 def uninterruptible() -> None:
@@ -511,6 +534,15 @@ def stop_on_signals() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         unblock()
 
+    def quiet_after_a_stop(unraisable):
+        # Once stopped, an exception that Python drops unraised (in an at-fork hook, a finalizer) is the stop's doing:
+        # our Stopped itself (raise_if_stopped raises it again), or a library's generator or bar cut short by it.
+        # Its traceback would bury the one line that says what happened.
+        if _stop_signal is None:
+            default_unraisablehook(unraisable)
+
+    default_unraisablehook = sys.unraisablehook
+    sys.unraisablehook = quiet_after_a_stop
     os.register_at_fork(before=block, after_in_parent=unblock, after_in_child=in_child)
     for sig in STOP_SIGNALS:
         signal.signal(sig, stop)

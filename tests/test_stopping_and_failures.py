@@ -407,6 +407,38 @@ def test_prepare_stopped_by_signals_leaves_nothing_and_says_so_in_one_line(
     assert not out_dir.exists(), sorted(path.name for path in out_dir.iterdir())
 
 
+# prepare_openwebtext.py as its command line runs it, with one more at-fork hook that sends the process a SIGTERM from
+# inside the hooks of its first fork: as a signal that arrives while datasets or the pool forks is delivered there
+SIGTERM_IN_FORK_HOOK = """
+import os, signal, sys
+import prepare_openwebtext as prepare
+sent = []
+def sigterm_once():
+    if not sent:
+        sent.append(os.kill(os.getpid(), signal.SIGTERM))
+prepare.stop_on_signals()
+os.register_at_fork(after_in_parent=sigterm_once)
+status = prepare.main(sys.argv[1:])
+prepare.uninterruptible()
+sys.exit(status)
+"""
+
+
+def test_prepare_stopped_by_a_signal_that_lands_in_a_fork_hook_still_stops(tmp_path, owt_jsonl, tiktoken_cache):
+    """Python drops an exception raised inside an at-fork hook ("Exception ignored"): the Stopped of a signal that
+    lands there must be raised again, not lost with the run going on to write its outputs and exit 0."""
+    out_dir = tmp_path / "out"
+    command = [sys.executable, "-c", SIGTERM_IN_FORK_HOOK, "--files", str(owt_jsonl), "--num_proc", "2",
+               "--out_dir", str(out_dir), "--cache_dir", str(tmp_path / "hf-cache")]  # fmt: skip
+    process = start(command)
+    _, errors = finish(process)
+    assert process.returncode == 128 + signal.SIGTERM, errors[-3000:]
+    last_line = errors.replace("\r", "\n").strip().splitlines()[-1]
+    assert last_line == "interrupted by SIGTERM: temporary files removed, no new meta.json written", errors[-3000:]
+    assert "Traceback" not in errors and "Exception ignored" not in errors, errors[-3000:]
+    assert not out_dir.exists()
+
+
 def test_prepare_on_a_full_disk_is_one_error_line(tmp_path, owt_jsonl):
     """Writes to train.bin.tmp fail with ENOSPC (it points at /dev/full): one error line, the file removed."""
     out_dir = tmp_path / "out"

@@ -484,6 +484,14 @@ MUTATIONS = [
              "model or context) as one of its runs",
              "if shape(run) != shape(runs[0]):", "if False:",
              ("tests/test_sla_ablation.py::test_a_log_folder_holding_another_ablations_run_stops_the_campaign",)),
+    Mutation("prepare_swallowed_stop_lost", "prepare_openwebtext.py", "a stop signal whose Stopped Python dropped in "
+             "an at-fork hook is lost: the run goes on to write its outputs and exits 0",
+             "    if _stop_signal is not None:\n        raise Stopped", "    if False:\n        raise Stopped",
+             (f"{SF}::test_prepare_stopped_by_a_signal_that_lands_in_a_fork_hook_still_stops",)),
+    Mutation("prepare_swallowed_stop_traceback", "prepare_openwebtext.py", "a Stopped dropped in an at-fork hook "
+             "prints Python's 'Exception ignored' traceback",
+             "    sys.unraisablehook = quiet_after_a_stop\n", "",
+             (f"{SF}::test_prepare_stopped_by_a_signal_that_lands_in_a_fork_hook_still_stops",)),
     Mutation("cost_flops_without_unread_kv", "plot_results.py", "the cost table counts the K/V rows that SLA "
              "layers leave out of c_attn",
              "(flops - 6 * unread_kv_rows * sla.n_embd) / flops", "1.0",
