@@ -152,12 +152,13 @@ def read_ablation(folder: str, need_plain: bool = True) -> dict[str, dict[int, d
             raise SystemExit(f"error: {log} is not named <arm>-seed<N>.jsonl (arm: plain or sla-...)")
         arms[match["arm"]][int(match["seed"])] = read_run(str(log))
     # run names repeat across ablations (sla-skip9-seed3 is in both): a log of another one must stop, not mix in
-    runs = [run for by_seed in arms.values() for run in by_seed.values()]
-    shape = lambda run: {key: run["config"].get(key) for key in ABLATION_SHAPE}  # noqa: E731
-    for run in runs[1:]:
-        if shape(run) != shape(runs[0]):
-            raise SystemExit(f"error: {log.parent}: {run['name']} trained {shape(run)}, {runs[0]['name']} "
-                             f"{shape(runs[0])}; one folder (and one LOG_DEST) holds one ablation's logs")  # fmt: skip
+    shapes = {run["name"]: {key: run["config"].get(key) for key in ABLATION_SHAPE}
+              for by_seed in arms.values() for run in by_seed.values()}  # fmt: skip
+    first, first_shape = next(iter(shapes.items()), (None, None))
+    for name, shape in shapes.items():
+        if shape != first_shape:
+            raise SystemExit(f"error: {folder}: {name} trained {shape}, {first} {first_shape}; one folder (and one "
+                             f"LOG_DEST) holds one ablation's logs")  # fmt: skip
     if need_plain and "plain" not in arms:
         raise SystemExit(f"error: {folder} holds no plain-seed<N>.jsonl: the SLA arms are compared with plain")
     return dict(arms)

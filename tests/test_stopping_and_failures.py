@@ -407,20 +407,18 @@ def test_prepare_stopped_by_signals_leaves_nothing_and_says_so_in_one_line(
     assert not out_dir.exists(), sorted(path.name for path in out_dir.iterdir())
 
 
-# prepare_openwebtext.py as its command line runs it, with one more at-fork hook that sends the process a SIGTERM from
-# inside the hooks of its first fork: as a signal that arrives while datasets or the pool forks is delivered there
+# prepare_openwebtext.py's command line (its __main__ block), with one more at-fork hook that sends the process a
+# SIGTERM from inside the hooks of its first fork, where a signal that arrives while datasets or the pool forks lands
 SIGTERM_IN_FORK_HOOK = """
-import os, signal, sys
-import prepare_openwebtext as prepare
+import os, runpy, signal, sys
 sent = []
 def sigterm_once():
     if not sent:
-        sent.append(os.kill(os.getpid(), signal.SIGTERM))
-prepare.stop_on_signals()
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
 os.register_at_fork(after_in_parent=sigterm_once)
-status = prepare.main(sys.argv[1:])
-prepare.uninterruptible()
-sys.exit(status)
+sys.argv[0] = "prepare_openwebtext.py"
+runpy.run_path("prepare_openwebtext.py", run_name="__main__")
 """
 
 

@@ -482,7 +482,7 @@ MUTATIONS = [
              ("tests/test_sla_ablation.py::test_a_log_folder_holding_another_ablations_run_stops_the_campaign",)),
     Mutation("ablation_logs_mixed", "plot_results.py", "an ablation folder takes a log of another ablation (another "
              "model or context) as one of its runs",
-             "if shape(run) != shape(runs[0]):", "if False:",
+             "if shape != first_shape:", "if False:",
              ("tests/test_sla_ablation.py::test_a_log_folder_holding_another_ablations_run_stops_the_campaign",)),
     Mutation("prepare_swallowed_stop_lost", "prepare_openwebtext.py", "a stop signal whose Stopped Python dropped in "
              "an at-fork hook is lost: the run goes on to write its outputs and exits 0",
