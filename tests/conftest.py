@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,12 @@ SHARED = REPO.parent / "shared"
 # the environment of scripts run as a user runs them: one thread per process (tests run several on 2 cores), and
 # output unbuffered, so that a test reading it line by line sees each line when it is printed
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# A script the tests start gets SIGINT as it would from a terminal. A shell without job control starts its background
+# jobs with SIGINT ignored, and an ignored signal stays ignored across exec: pytest run as such a job (`make test &`,
+# a mutation run) would pass that on, and a script that forgot its SIGINT handler would then train on, unstopped,
+# instead of failing the test that sends it Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_or_fail_if_hung(command: list[str], what: str, timeout: float) -> subprocess.CompletedProcess:
@@ -32,6 +39,45 @@ def run_or_fail_if_hung(command: list[str], what: str, timeout: float) -> subpro
         process.communicate()
         pytest.fail(f"{what} hung (killed after {timeout:g} s)")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    """A command as a user starts it, from the repo, in a session of its own: a test can signal its whole process
+    group, as a scheduler does, and kill all of it if it hangs."""
+    pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    return subprocess.Popen(command, cwd=REPO, env=env or SUBPROCESS_ENV, text=True, start_new_session=True, **pipes)
+
+
+def read_until(process: subprocess.Popen, prefix: str) -> str:
+    """stdout up to and including the first line that starts with prefix."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return "".join(lines)
+    pytest.fail(f"ended (status {process.wait()}) before printing {prefix!r}: {process.stderr.read()[-3000:]}")
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """The rest of its stdout and stderr, once it has ended; one still running after timeout seconds has hung: its
+    process group is killed and the test fails. Not communicate(timeout=...) as in run_or_fail_if_hung: it
+    reads the pipes' file descriptors and would drop the lines read_until has already buffered."""
+    hung = threading.Event()
+
+    def kill():
+        hung.set()
+        os.killpg(process.pid, signal.SIGKILL)
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.start()
+    try:
+        stdout, stderr = process.stdout.read(), process.stderr.read()
+        process.wait()
+    finally:
+        watchdog.cancel()
+    if hung.is_set():
+        pytest.fail(f"{process.args[:4]} hung (killed after {timeout:g} s)")
+    return stdout, stderr
 
 
 def _require(path: Path, what: str) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SUBPROCESS_ENV, random_hf_gpt2, tiny_settings
+from conftest import REPO, SUBPROCESS_ENV, finish, random_hf_gpt2, read_until, start, tiny_settings
 from torch.nn import functional as F
 
 import model as model_module
@@ -428,21 +428,13 @@ def test_uint32_token_files_are_read_as_uint32(tmp_path):
     assert torch.equal(batch, torch.from_numpy(np.stack([ids[:11], ids[700:711]]).astype(np.int64)))
 
 
-def run_train(args: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "train.py", *args], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True, **kwargs
-    )
-
-
 def test_sigint_saves_and_exits_zero(byte_data, tmp_path):
     run = settings(byte_data, tmp_path / "run", max_iters=100_000, eval_interval=100_000)
-    process = run_train([f"--{key}={value}" for key, value in run.items()])
-    for line in process.stdout:
-        if line.startswith("iter 1:"):
-            process.send_signal(signal.SIGINT)
-            break
-    output = process.stdout.read()
-    assert process.wait(timeout=60) == 0
+    process = start([sys.executable, "train.py", *(f"--{key}={value}" for key, value in run.items())])
+    read_until(process, "iter 1:")
+    process.send_signal(signal.SIGINT)
+    output, errors = finish(process, timeout=60)
+    assert process.returncode == 0, errors[-3000:]
     checkpoint = load_checkpoint(run["out_dir"])
     stopped_at = checkpoint["iter_num"]
     assert 1 <= stopped_at < 100 and f"stopped at iter {stopped_at}" in output

@@ -13,12 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import SUBPROCESS_ENV, finish, read_until, start
 from conftest import tiny_settings as tiny
 
 from train import TrainConfig, load_checkpoint, main
@@ -31,47 +30,8 @@ def cli(settings: dict) -> list[str]:
     return [f"--{key}={value}" for key, value in settings.items()]
 
 
-def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
-    """A command as a user starts it, from the repo, in a session of its own: a test can signal its whole process
-    group, as a scheduler does, and kill all of it if it hangs."""
-    pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    return subprocess.Popen(command, cwd=REPO, env=env or SUBPROCESS_ENV, text=True, start_new_session=True, **pipes)
-
-
 def start_train(settings: dict, *, prefix: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
     return start([*prefix, sys.executable, "train.py", *cli(settings)], env)
-
-
-def read_until(process: subprocess.Popen, prefix: str) -> str:
-    """stdout up to and including the first line that starts with prefix."""
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith(prefix):
-            return "".join(lines)
-    pytest.fail(f"ended (status {process.wait()}) before printing {prefix!r}: {process.stderr.read()[-3000:]}")
-
-
-def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
-    """The rest of its stdout and stderr, once it has ended; one still running after timeout seconds has hung: its
-    process group is killed and the test fails. Not communicate(timeout=...) as in conftest.run_or_fail_if_hung: it
-    reads the pipes' file descriptors and would drop the lines read_until has already buffered."""
-    hung = threading.Event()
-
-    def kill():
-        hung.set()
-        os.killpg(process.pid, signal.SIGKILL)
-
-    watchdog = threading.Timer(timeout, kill)
-    watchdog.start()
-    try:
-        stdout, stderr = process.stdout.read(), process.stderr.read()
-        process.wait()
-    finally:
-        watchdog.cancel()
-    if hung.is_set():
-        pytest.fail(f"{process.args[:4]} hung (killed after {timeout:g} s)")
-    return stdout, stderr
 
 
 def run_to_end(command: list[str], env: dict | None = None) -> tuple[int, str, str]:

@@ -18,7 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SUBPROCESS_ENV, random_hf_gpt2, run_or_fail_if_hung, write_byte_data
+from conftest import (
+    REPO,
+    SUBPROCESS_ENV,
+    finish,
+    random_hf_gpt2,
+    read_until,
+    run_or_fail_if_hung,
+    start,
+    write_byte_data,
+)
 from conftest import tiny_settings as tiny
 from torch.nn import functional as F
 
@@ -215,14 +224,12 @@ def test_resume_continues_exactly(byte_data, tmp_path):
 
 def train_until_sigterm(command: list[str], after_line: str) -> str:
     """Run train.py's command, send SIGTERM once it prints a line starting with after_line; its stdout."""
-    process = subprocess.Popen(command, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if line.startswith(after_line):
-            process.send_signal(signal.SIGTERM)
-            break
-    output = process.stdout.read()
-    assert process.wait(timeout=60) == 0
-    return output
+    process = start(command)
+    output = read_until(process, after_line)
+    process.send_signal(signal.SIGTERM)
+    rest, errors = finish(process, timeout=60)
+    assert process.returncode == 0, errors[-3000:]
+    return output + rest
 
 
 def test_sigterm_saves_and_resumes_to_the_same_losses(byte_data, tmp_path):
