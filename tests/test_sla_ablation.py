@@ -208,12 +208,17 @@ def test_readme_table_across_sizes_is_recomputed_from_the_committed_logs():
         assert layers_cell == f"{model['n_layer'] - model['sla_skip']} of {model['n_layer']}", (size, arm, model)
         assert heads_cell == f"{round(model['sla_head_ratio'] * model['n_head'])} of {model['n_head']}", (size, arm)
         seeds = sorted(summary[arm]["differences"])
-        assert seeds_cell == f"{seeds[0]}–{seeds[-1]}" and seeds == list(range(seeds[0], seeds[-1] + 1)), (size, arm)
+        assert seeds == list(range(seeds[0], seeds[-1] + 1)), (size, arm, seeds)
+        assert seeds_cell == (f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"), (size, arm)
         differences = [summary[arm]["differences"][seed]["all"] for seed in seeds]
         mean, sd = plot_results.mean_sd(differences)
-        assert gap_cell == f"{mean:.3f} ± {sd:.3f}".replace("-", "−"), (size, arm, mean, sd)
+        gap = f"{mean:.3f}" if sd is None else f"{mean:.3f} ± {sd:.3f}"
+        assert gap_cell == gap.replace("-", "−"), (size, arm, mean, sd)
         verdict = plot_results.told_apart(differences)
-        assert verdict_cell == ("yes" if verdict.startswith("yes, SLA lower") else "no"), (size, arm, verdict)
+        if len(seeds) == 1:
+            assert verdict_cell == "one seed", (size, arm)
+        else:
+            assert verdict_cell == ("yes" if verdict.startswith("yes, SLA lower") else "no"), (size, arm, verdict)
     for size, arms in logs.items():
         logged = {arm for arm in arms if arm != "plain"}
         assert {arm for row_size, arm in seen if row_size == size} == logged, size
