@@ -178,6 +178,10 @@ def final_metrics(run: dict, length: int) -> dict[str, float]:
     return metrics
 
 
+def seeds_label(seeds: list[int]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean of {len(seeds)} seeds"
+
+
 def mean_sd(values: list[float]) -> tuple[float, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
@@ -423,7 +427,7 @@ def plot_ablation(arms: dict, summary: dict, length: int, png: str):
         shared = sorted(set.intersection(*(set(g) for g in gaps))) if gaps else []
         if shared:
             over_tokens.plot(shared, [statistics.mean(g[t] for g in gaps) for t in shared], color=color,
-                             linewidth=2.5, marker="o", label=f"{arm} (mean of {len(gaps)} seeds)")  # fmt: skip
+                             linewidth=2.5, marker="o", label=f"{arm} ({seeds_label(seeds)})")  # fmt: skip
         buckets = sorted({k for d in summary[arm]["differences"].values() for k in d if k != "all"}, key=_bucket_order)
         if buckets:
             values = [[d[k] for d in summary[arm]["differences"].values() if k in d] for k in buckets]
