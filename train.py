@@ -24,7 +24,6 @@ import random
 import signal
 import socket
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -1049,7 +1048,7 @@ def log_step(run: Run, progress: Progress, lr: float, clock: StepClock):
     )
 
 
-def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
+def fit(run: Run, progress: Progress, stop_requested: "StopRequest") -> dict:
     """The training loop, from progress.iter_num to max_iters or a stop request (SIGTERM, SIGINT)."""
     config = run.config
     run.print(
@@ -1119,7 +1118,7 @@ def fit(run: Run, progress: Progress, stop_requested: threading.Event) -> dict:
     return summary(run, progress)
 
 
-def stop_agreed(run: Run, stop_requested: threading.Event) -> bool:
+def stop_agreed(run: Run, stop_requested: "StopRequest") -> bool:
     """Whether any rank was asked to stop. Under DDP every rank calls it and all get the same answer, so that all
     save and leave together (a rank that left alone would leave the others waiting in the next all-reduce)."""
     votes = torch.tensor(float(stop_requested.is_set()), device=run.device)
@@ -1225,22 +1224,29 @@ class StopRequest:
     asks again: `timeout` and schedulers that signal a whole process group deliver a signal two or three times within
     milliseconds, and a second Ctrl-C must neither throw away the steps since the last checkpoint nor cut a save short.
     SIGKILL ends a run at once (ckpt.pt stays whole: saves go through a temporary file).
+
+    The flag is a plain attribute, not a threading.Event: a handler runs between any two bytecodes of the main thread,
+    so the second signal of a pair can run it again inside the first one's run, and Event.set() would then wait
+    forever for the lock that the interrupted set() holds: the run hung, unsaved, until the scheduler killed it.
     """
 
     def __init__(self, rank: int):
         self.rank = rank
-        self.requested = threading.Event()
+        self.requested = False
+
+    def is_set(self) -> bool:
+        return self.requested
 
     def __call__(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.requested.is_set():
+        already_stopping, self.requested = self.requested, True
+        if already_stopping:
             message = (
                 f"rank {self.rank}: got {name} again; already stopping: the run saves, then exits "
                 f"(kill -KILL {os.getpid()} ends it now, losing the steps since the last checkpoint)"
             )
         else:
             message = f"rank {self.rank}: got {name}; saving after this step"
-        self.requested.set()
         # os.write, not print: a handler runs between any two bytecodes, maybe inside a print to stderr, whose buffer
         # raises on a reentrant write
         os.write(2, (message + "\n").encode())
@@ -1248,12 +1254,12 @@ class StopRequest:
 
 @contextlib.contextmanager
 def stop_requests(rank: int, keep: bool = False):
-    """A StopRequest handles SIGTERM and SIGINT in the block; yields its flag. The previous handlers are restored
-    afterwards, unless keep: then the StopRequest stays, and the caller decides."""
+    """A StopRequest handles SIGTERM and SIGINT in the block; yields it (is_set() after a signal). The previous handlers
+    are restored afterwards, unless keep: then the StopRequest stays, and the caller decides."""
     handler = StopRequest(rank)
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
-        yield handler.requested
+        yield handler
     finally:
         for sig, previous_handler in previous.items():
             if not keep:

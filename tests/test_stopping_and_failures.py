@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SUBPROCESS_ENV, finish, read_until, start
+from conftest import SUBPROCESS_ENV, finish, read_until, run_or_fail_if_hung, start
 from conftest import tiny_settings as tiny
 
 from train import TrainConfig, load_checkpoint, main
@@ -120,6 +120,51 @@ def test_a_second_stop_signal_during_the_save_lets_it_finish(byte_data, tmp_path
     process.send_signal(second)
     _, stderr = assert_stopped_and_saved(tmp_path, process)
     assert f"got {second.name} again; already stopping: the run saves, then exits" in stderr
+
+
+# Runs train.py's stop handler for a first signal, and delivers the second signal of the pair at its first line, then
+# (afresh) at its second, and so on through every line that the handler and what it calls run: wherever the second
+# lands, the handler must return. Prints how many placements it tried.
+SECOND_SIGNAL_AT_EVERY_LINE = """
+import signal, sys
+from train import StopRequest, stop_requests
+
+def first_signal_with_the_second_at(line_number):
+    lines = 0
+    def trace(frame, event, arg):
+        nonlocal lines
+        if event == "line":
+            lines += 1
+            if lines == line_number:
+                signal.raise_signal(signal.SIGTERM)
+        return trace
+    def trace_the_handler(frame, event, arg):  # its lines and those of every function it calls
+        caller = frame
+        while caller is not None and caller.f_code is not StopRequest.__call__.__code__:
+            caller = caller.f_back
+        return trace if caller is not None else None
+    with stop_requests(rank=0) as stop_request:
+        sys.settrace(trace_the_handler)
+        signal.raise_signal(signal.SIGTERM)
+        sys.settrace(None)
+        assert stop_request.is_set()
+    return lines
+
+line_number = 1
+while first_signal_with_the_second_at(line_number) >= line_number:
+    line_number += 1
+print("placements", line_number)
+"""
+
+
+def test_a_second_signal_inside_the_stop_handler_does_not_hang_it():
+    """A handler runs between any two bytecodes, so the second signal of a pair (timeout's, a scheduler's) can run
+    train.py's handler again inside the first one's run. It must not wait there for anything the interrupted run holds
+    (threading.Event.set() took a lock: the run hung, unsaved, about once in a few hundred pairs)."""
+    result = run_or_fail_if_hung([sys.executable, "-c", SECOND_SIGNAL_AT_EVERY_LINE], "the stop handler", timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) > 1, result.stdout  # the handler's lines were traced, each a placement
+    assert "got SIGTERM again; already stopping" in result.stderr
 
 
 def test_a_worker_waiting_for_its_peers_stops_at_once(byte_data, tmp_path):

@@ -160,9 +160,17 @@ MUTATIONS = [
     # ---- stop signals, the out_dir lock, one-line errors
     Mutation("stop_handler_restored_after_first_signal", "train.py", "the stop handler steps aside after the first "
              "signal: a second SIGTERM or Ctrl-C kills the run before or while it saves",
-             "        self.requested.set()\n",
-             "        self.requested.set()\n        signal.signal(signum, signal.SIG_DFL)\n",
+             "        already_stopping, self.requested = self.requested, True\n",
+             "        already_stopping, self.requested = self.requested, True\n"
+             "        signal.signal(signum, signal.SIG_DFL)\n",
              (SECOND_SIGNAL, f"{SF}::test_sigterm_to_the_process_group_of_timeout_saves_and_exits_0")),
+    Mutation("stop_handler_takes_a_lock", "train.py", "the stop handler sets its flag under a lock (as "
+             "threading.Event.set() does): a second signal that lands while the first handler holds it hangs the run",
+             "        already_stopping, self.requested = self.requested, True\n",
+             "        self.__dict__.setdefault('lock', __import__('threading').Lock())\n"
+             "        with self.lock:\n"
+             "            already_stopping, self.requested = self.requested, True\n",
+             (f"{SF}::test_a_second_signal_inside_the_stop_handler_does_not_hang_it",)),
     Mutation("stop_signals_killed_after_main", "train.py", "the command line leaves its handler to the interpreter's "
              "shutdown, which restores the default action: a late second signal kills a run that has saved",
              "        for sig in STOP_SIGNALS:\n            signal.signal(sig, signal.SIG_IGN)\n",
