@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -46,6 +47,16 @@ def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
     group, as a scheduler does, and kill all of it if it hangs."""
     pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     return subprocess.Popen(command, cwd=REPO, env=env or SUBPROCESS_ENV, text=True, start_new_session=True, **pipes)
+
+
+def cli(settings: dict) -> list[str]:
+    """settings as a script's --key=value arguments."""
+    return [f"--{key}={value}" for key, value in settings.items()]
+
+
+def start_train(settings: dict, *, prefix: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
+    """train.py with these settings, started as start() starts a command, after prefix (`timeout 300`)."""
+    return start([*prefix, sys.executable, "train.py", *cli(settings)], env)
 
 
 def read_until(process: subprocess.Popen, prefix: str) -> str:

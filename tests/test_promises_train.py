@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SUBPROCESS_ENV, finish, random_hf_gpt2, read_until, start, tiny_settings
+from conftest import REPO, SUBPROCESS_ENV, cli, finish, random_hf_gpt2, read_until, start_train, tiny_settings
 from torch.nn import functional as F
 
 import model as model_module
@@ -430,7 +430,7 @@ def test_uint32_token_files_are_read_as_uint32(tmp_path):
 
 def test_sigint_saves_and_exits_zero(byte_data, tmp_path):
     run = settings(byte_data, tmp_path / "run", max_iters=100_000, eval_interval=100_000)
-    process = start([sys.executable, "train.py", *(f"--{key}={value}" for key, value in run.items())])
+    process = start_train(run)
     read_until(process, "iter 1:")
     process.send_signal(signal.SIGINT)
     output, errors = finish(process, timeout=60)
@@ -446,7 +446,7 @@ def test_ddp_gradient_accumulation_must_divide_among_processes(byte_data, tmp_pa
     run = settings(byte_data, tmp_path / "run", gradient_accumulation_steps=3, max_iters=1)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run(
-        [*torchrun, "train.py", *(f"--{key}={value}" for key, value in run.items())],
+        [*torchrun, "train.py", *cli(run)],
         cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode != 0

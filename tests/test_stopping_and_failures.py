@@ -17,21 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SUBPROCESS_ENV, finish, read_until, run_or_fail_if_hung, start
+from conftest import SUBPROCESS_ENV, cli, finish, read_until, run_or_fail_if_hung, start, start_train
 from conftest import tiny_settings as tiny
 
 from train import TrainConfig, load_checkpoint, main
 
 UNTIL_STOPPED = {"max_iters": 100_000, "eval_interval": 100_000}  # a run that trains until a signal stops it
 HAS_TIMEOUT = shutil.which("timeout") is not None
-
-
-def cli(settings: dict) -> list[str]:
-    return [f"--{key}={value}" for key, value in settings.items()]
-
-
-def start_train(settings: dict, *, prefix: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
-    return start([*prefix, sys.executable, "train.py", *cli(settings)], env)
 
 
 def run_to_end(command: list[str], env: dict | None = None) -> tuple[int, str, str]:

@@ -21,6 +21,7 @@ import torch
 from conftest import (
     REPO,
     SUBPROCESS_ENV,
+    cli,
     finish,
     random_hf_gpt2,
     read_until,
@@ -48,10 +49,6 @@ from train import (
     save_checkpoint,
     windows_to_tensor,
 )
-
-
-def cli(settings: dict) -> list[str]:
-    return [f"--{key}={value}" for key, value in settings.items()]
 
 
 def read_log(out_dir) -> list[dict]:

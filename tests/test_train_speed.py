@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
-from conftest import REPO, SUBPROCESS_ENV, tiny_settings
+from conftest import REPO, SUBPROCESS_ENV, cli, tiny_settings
 
 import bench
 import train
@@ -259,7 +259,7 @@ def test_a_run_outside_a_git_checkout_says_so(byte_data, tmp_path):
     for path in REPO.glob("*.py"):
         shutil.copy(path, code)
     settings = tiny_settings(byte_data, tmp_path / "run", max_iters=1, eval_interval=1)
-    result = subprocess.run([sys.executable, "train.py", *(f"--{key}={value}" for key, value in settings.items())],
+    result = subprocess.run([sys.executable, "train.py", *cli(settings)],
                             cwd=code, env=SUBPROCESS_ENV, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("code: no git commit (")
