@@ -441,6 +441,10 @@ def report_failure(error: BaseException) -> int:
     stopped = _in_chain(error, KeyboardInterrupt)  # a library may turn our Stopped into an error of its own
     if stopped is not None:
         signum = getattr(stopped, "signum", signal.SIGINT)
+        # A stop that lands as a bar's close() starts leaves that bar open (ours or datasets'), and Python would close
+        # it when it frees it, at exit, printing its last state under this line: close them all first
+        for bar in list(tqdm._instances):
+            bar.close()
         # on a line of its own: the signal may have landed in a progress bar's close(), between its last state and
         # the newline after it
         print(f"\ninterrupted by {signal.Signals(signum).name}: temporary files removed, no new meta.json written",

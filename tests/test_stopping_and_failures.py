@@ -434,6 +434,42 @@ def test_prepare_stopped_by_a_signal_that_lands_in_a_fork_hook_still_stops(tmp_p
     assert not out_dir.exists()
 
 
+# prepare_openwebtext.py's command line, where the first close() of one progress bar (its desc starts with argv[1])
+# sends the process a SIGTERM on entry: Python runs the handler there, before the bar is closed, as it does for a
+# signal that arrives just then
+SIGTERM_AS_A_BAR_CLOSES = """
+import os, runpy, signal, sys
+from tqdm import tqdm
+prefix, close, sent = sys.argv.pop(1), tqdm.close, []
+def close_after_sigterm(bar):
+    if not sent and str(getattr(bar, "desc", "")).startswith(prefix):
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    close(bar)
+tqdm.close = close_after_sigterm
+sys.argv[0] = "prepare_openwebtext.py"
+runpy.run_path("prepare_openwebtext.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("bar", ["Generating train split", "tokenizing train"])
+def test_prepare_stopped_as_a_progress_bar_closes_still_ends_on_its_one_line(tmp_path, owt_jsonl, tiktoken_cache, bar):
+    """A bar whose close() a stop cuts short is closed again when Python frees it, at exit, after the "interrupted"
+    line, and would print its last state below it (seen with datasets' "Generating train split" bar): the line that
+    says what happened must stay the last one."""
+    out_dir = tmp_path / "out"
+    command = [sys.executable, "-c", SIGTERM_AS_A_BAR_CLOSES, bar, "--files", str(owt_jsonl), "--num_proc", "2",
+               "--out_dir", str(out_dir), "--cache_dir", str(tmp_path / "hf-cache")]  # fmt: skip
+    process = start(command)
+    _, errors = finish(process)
+    assert process.returncode == 128 + signal.SIGTERM, errors[-3000:]
+    assert bar in errors, errors[-3000:]  # the stop came as that bar closed, not before it was shown
+    last_line = errors.replace("\r", "\n").strip().splitlines()[-1]
+    assert last_line == "interrupted by SIGTERM: temporary files removed, no new meta.json written", errors[-3000:]
+    assert "Traceback" not in errors, errors[-3000:]
+    assert not out_dir.exists()
+
+
 def test_prepare_on_a_full_disk_is_one_error_line(tmp_path, owt_jsonl):
     """Writes to train.bin.tmp fail with ENOSPC (it points at /dev/full): one error line, the file removed."""
     out_dir = tmp_path / "out"

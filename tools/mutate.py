@@ -227,6 +227,10 @@ MUTATIONS = [
              "(a temporary file and the out_dir left) or kills it once done",
              "    if signal.getsignal(signal.SIGTERM) is stop:", "    if False:",
              (PREPARE_SIGNALS,)),
+    Mutation("prepare_stop_leaves_bars_open", "prepare_openwebtext.py", "a stop that lands as a progress bar "
+             "closes leaves it open: Python closes it at exit and its last state prints under the interrupted line",
+             "        for bar in list(tqdm._instances):\n            bar.close()\n", "",
+             (f"{SF}::test_prepare_stopped_as_a_progress_bar_closes_still_ends_on_its_one_line",)),
     Mutation("prepare_full_disk_traceback", "prepare_openwebtext.py", "a full disk in prepare is an OSError traceback",
              "    except OSError as e:  # a full disk", "    except ZeroDivisionError as e:  # a full disk",
              (f"{SF}::test_prepare_on_a_full_disk_is_one_error_line",)),
