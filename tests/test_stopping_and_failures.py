@@ -462,8 +462,7 @@ def test_prepare_stopped_as_a_progress_bar_closes_still_ends_on_its_one_line(tmp
                "--out_dir", str(out_dir), "--cache_dir", str(tmp_path / "hf-cache")]  # fmt: skip
     process = start(command)
     _, errors = finish(process)
-    assert process.returncode == 128 + signal.SIGTERM, errors[-3000:]
-    assert bar in errors, errors[-3000:]  # the stop came as that bar closed, not before it was shown
+    assert process.returncode == 128 + signal.SIGTERM, errors[-3000:]  # 0 if no bar named so closed: no signal
     last_line = errors.replace("\r", "\n").strip().splitlines()[-1]
     assert last_line == "interrupted by SIGTERM: temporary files removed, no new meta.json written", errors[-3000:]
     assert "Traceback" not in errors, errors[-3000:]
