@@ -962,10 +962,13 @@ def make_train_step(model, forward, optimizer, batches, *, micro_steps=1, grad_c
         clip_and_step = torch.compile(clip_and_step)
     batch = next(batches)
     previous = None  # the last step's outcome
+    # CUDA graphs exist on CUDA only; elsewhere the call would import inductor (2 s) for nothing
+    cuda_graphs_possible = device.type == "cuda"
 
     def step(stop_requested: bool = False) -> StepOutcome:
         nonlocal batch, previous
-        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are used up, reuse them
+        if cuda_graphs_possible:
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are used up, reuse them
         # micro-steps: forward, backward, and the next batch fetched while the device works
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(micro_steps):
