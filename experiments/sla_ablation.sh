@@ -107,8 +107,14 @@ pending() {  # the runs of the plan not yet logged
 # A seed's runs share one GPU model, so that a card cannot pass for SLA's effect in the paired differences: the runs
 # this script picks skip a seed whose logged runs (their provenance lines) ran on another model than GPU_MODEL, this
 # machine's GPU 0 by default. Empty (no GPU) picks any seed; a run named on the command line runs regardless.
-if [ -z "${GPU_MODEL+set}" ]; then  # a plain assignment: a failure in it stops the script
-    GPU_MODEL=$($PYTHON -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')
+gpus_here() {  # this machine's GPU count (1 without CUDA: runs go one at a time), then GPU 0's model ("": none)
+    $PYTHON -c 'import torch
+print(max(1, torch.cuda.device_count()), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
+}
+GPUS=""  # asked of torch once, with GPU_MODEL if that is not given
+if [ -z "${GPU_MODEL+set}" ]; then
+    found=$(gpus_here)  # a plain assignment, not read < <(...): a failure in it stops the script
+    read -r GPUS GPU_MODEL <<< "$found"
 fi
 
 for_this_gpu() {  # those of the runs given whose seed has no logged run on another GPU model
@@ -180,7 +186,10 @@ else
     pending_runs=$(for_this_gpu $pending_runs)
     runs=($pending_runs)  # run names hold no spaces
 fi
-GPUS=$($PYTHON -c 'import torch; print(max(1, torch.cuda.device_count()))')
+if [ -z "$GPUS" ]; then
+    found=$(gpus_here)
+    read -r GPUS _ <<< "$found"
+fi
 MAX_RUNS=${MAX_RUNS:-$GPUS}
 runs=("${runs[@]:0:$MAX_RUNS}")
 [ ${#runs[@]} -gt 0 ] || { echo "every run of the campaign is in $RESULTS"; exit 0; }

@@ -54,9 +54,13 @@ case $FASTEST in
         || { echo "error: the fastest settings run FA4: install requirements-fa4.txt first" >&2; exit 1; } ;;
 esac
 
-model_args() {  # the size of a shape as train.py keys, from bench.MODELS
-    $PYTHON -c "import bench, sys; print(' '.join(f'--{k}={v}' for k, v in bench.MODELS[sys.argv[1]].items()))" "$1"
-}
+# each shape's model size as train.py keys, from bench.MODELS, in one python call (an unknown size stops the script)
+sizes=$($PYTHON -c "
+import bench, sys
+for size in dict.fromkeys(shape.split(':')[0] for shape in sys.argv[1].split(',')):
+    print(size, ' '.join(f'--{k}={v}' for k, v in bench.MODELS[size].items()))" "$SHAPES")
+declare -A MODEL_ARGS
+while read -r size args; do MODEL_ARGS[$size]=$args; done <<< "$sizes"
 
 measure() {  # settings name, then its arguments
     local name=$1 settings=$2 shape size block batch sla run
@@ -69,7 +73,7 @@ measure() {  # settings name, then its arguments
         for sla in False True; do
             run="$name-$size-$block-$batch-$([ $sla = True ] && echo sla || echo plain)"
             echo "== $run: train.py ($(( SECONDS - started )) s so far)"
-            $PYTHON train.py $(model_args "$size") --block_size="$block" --batch_size="$batch" \
+            $PYTHON train.py ${MODEL_ARGS[$size]} --block_size="$block" --batch_size="$batch" \
                 --gradient_accumulation_steps=1 --bias=False --sla="$sla" --sla_skip=9 --data_dir="$DATA" \
                 --out_dir="$WORK/runs/$run" --overwrite=True --device="$DEVICE" --max_iters="$STEPS" \
                 --log_interval="$LOG_INTERVAL" --eval_interval="$STEPS" --eval_iters=1 --eval_block_sizes="$block" \

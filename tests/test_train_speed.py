@@ -5,6 +5,7 @@ compiled again as the learning rate changes), kernel choices as the model's conf
 provenance of every log and bench row, and experiments/train_speed.sh on the CPU.
 """
 
+import importlib.util
 import json
 import math
 import shutil
@@ -194,11 +195,12 @@ def test_kernel_choices_are_the_models_configuration_not_the_checkpoints(byte_da
 
 
 def provenance_of(code_dir: Path) -> dict:
-    """configurator.provenance('cpu') as a copy of configurator.py in code_dir computes it."""
-    code = "import configurator, json; print(json.dumps(configurator.provenance('cpu')))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=code_dir, env=SUBPROCESS_ENV, capture_output=True,
-                            text=True, check=True)  # fmt: skip
-    return json.loads(result.stdout)
+    """provenance('cpu') as a copy of configurator.py in code_dir computes it: loaded from there, under a name of its
+    own, so that its code folder is code_dir."""
+    spec = importlib.util.spec_from_file_location("configurator_copy", code_dir / "configurator.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    return copy.provenance("cpu")
 
 
 def git(folder: Path, *args: str) -> str:
