@@ -25,8 +25,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# one worker per core, up to 4 (--dist worksteal: an idle worker takes tests queued for a busy one)
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --maxprocesses=4 --dist worksteal
 
 mutate: setup
 	$(BIN)/python tools/mutate.py
