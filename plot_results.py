@@ -459,6 +459,13 @@ def main(argv=None):
     parser.add_argument("--among", nargs="+", metavar="ARM", help="--best_sla_arm: rank only these arms")
     parser.add_argument("--told_apart", metavar="ARM", help="--ablation: print yes or no: is ARM − plain told apart")
     parser.add_argument("--seed_gpus", action="store_true", help="--ablation: print 'seed<TAB>GPU model' lines")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="--ablation: read only these seeds' logs (a decision taken at seed 4 stays when 5 lands)",
+    )
     parser.add_argument("--gap", nargs="+", metavar="DIR", help="ablation folders: SLA − plain against tokens")
     parser.add_argument("--png", help="write the plot here (needs matplotlib)")
     parser.add_argument("--table", help="also write the markdown table to this file")
@@ -480,6 +487,9 @@ def main(argv=None):
         return lines
     if args.ablation:
         arms = read_ablation(args.ablation)
+        if args.seeds:
+            arms = {arm: {seed: run for seed, run in runs.items() if seed in args.seeds} for arm, runs in arms.items()}
+            arms = {arm: runs for arm, runs in arms.items() if runs}
         length = args.length or longest_length(arms)
         summary = ablation_summary(arms, length)
         if args.best_sla_arm:

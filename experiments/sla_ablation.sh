@@ -16,7 +16,8 @@
 #              loss; then seeds 1 and 2 of each head ratio, and its seeds 3 and 4 if its mean over seeds 1 and 2
 #              is below ratio 0.75's (sla-skip9) over the same seeds.
 #   medium-8k: seeds 1 to 4 of every arm, then seeds 5 and 6 of plain and the best SLA arm if its paired difference
-#              is not yet told apart from seed noise (plot_results.py's paired t-test).
+#              over seeds 1 to 4 is not told apart from seed noise (plot_results.py's paired t-test).
+# Each decision reads only the seeds it is taken at, so the seeds that follow cannot undo it.
 # As many runs start at once as there are GPUs (MAX_RUNS to change). Corpus: the Python sources of this Python's
 # site-packages, gpt2 tokens, files in sorted path order (a package's files next to each other), 2.5% of the files
 # held out; results/.../prepare-pysrc.json records its token counts, and a machine whose corpus differs stops. New
@@ -74,25 +75,27 @@ ask_logs() {  # plot_results.py --ablation over every log so far (the campaign's
 plan() {  # every run the campaign wants by now, in the order to run them
     local best arm
     if [ "$ABLATION" = medium-8k ]; then
-        # seeds 1 to 4 of every arm, then seeds 5 and 6 of plain and the best SLA arm if its gap is not yet told apart
+        # seeds 1 to 4 of every arm, then seeds 5 and 6 of plain and the best SLA arm if its gap is not yet told apart;
+        # decided on seeds 1 to 4 alone: a seed 5 that lands told apart must not cancel seed 6 (stopping at the first
+        # look that says yes would make "told apart" likelier than the test's 5%)
         runs "1 2 3 4" plain $SLA_ARMS
         if all_logged $(runs 4 plain $SLA_ARMS); then
-            best=$(ask_logs --best_sla_arm --among $SLA_ARMS)
-            [ "$(ask_logs --told_apart "$best")" = no ] && runs "5 6" plain "$best"
+            best=$(ask_logs --best_sla_arm --among $SLA_ARMS --seeds 1 2 3 4)
+            [ "$(ask_logs --told_apart "$best" --seeds 1 2 3 4)" = no ] && runs "5 6" plain "$best"
         fi
         return 0
     fi
     # seeds 1 and 2 of every arm, then seeds 3 and 4 of plain and the best SLA arm
     runs "1 2" plain $SLA_ARMS
     if all_logged $(runs 2 plain $SLA_ARMS); then
-        best=$(ask_logs --best_sla_arm --among $SLA_ARMS)
+        best=$(ask_logs --best_sla_arm --among $SLA_ARMS --seeds 1 2)
         runs "3 4" plain "$best"
     fi
     # the head ratios: seeds 1 and 2 (paired with plain's), then 3 and 4 of a ratio whose mean beats 0.75's
     runs "1 2" $RATIO_ARMS
     for arm in $RATIO_ARMS; do
         if all_logged $(runs "1 2" "$arm" sla-skip9) \
-            && [ "$(ask_logs --best_sla_arm --among sla-skip9 "$arm")" = "$arm" ]; then
+            && [ "$(ask_logs --best_sla_arm --among sla-skip9 "$arm" --seeds 1 2)" = "$arm" ]; then
             runs "3 4" "$arm"
         fi
     done
