@@ -105,7 +105,7 @@ def test_a_seeds_runs_stay_on_the_gpu_model_its_first_runs_had(tmp_path):
     assert pending("medium-8k", results, gpu="GPU A") == seeds_3_and_4[:2]
 
 
-def test_medium_campaign_adds_seeds_5_and_6_only_while_the_best_gap_is_not_told_apart(tmp_path):
+def test_medium_campaign_adds_seeds_5_and_6_only_if_the_best_gap_is_not_told_apart_at_seed_4(tmp_path):
     results, device_logs = tmp_path / "results", tmp_path / "device-logs"
     results.mkdir()
     device_logs.mkdir()

@@ -483,14 +483,14 @@ MUTATIONS = [
     Mutation("campaign_more_seeds_always", "experiments/sla_ablation.sh", "the medium campaign adds seeds 5 and 6 "
              "even where the best arm's gap is already told apart from seed noise",
              '[ "$(ask_logs --told_apart "$best" --seeds 1 2 3 4)" = no ] && runs', "runs",
-             ("tests/test_sla_ablation.py::test_medium_campaign_adds_seeds_5_and_6_only_while_the_best_gap_is_not_told_apart",)),
+             ("tests/test_sla_ablation.py::test_medium_campaign_adds_seeds_5_and_6_only_if_the_best_gap_is_not_told_apart_at_seed_4",)),
     Mutation("campaign_stops_at_first_yes", "experiments/sla_ablation.sh", "the medium campaign decides on every seed "
              "logged so far: a seed 5 that lands told apart cancels seed 6 (optional stopping)",
              '--told_apart "$best" --seeds 1 2 3 4)', '--told_apart "$best")',
-             ("tests/test_sla_ablation.py::test_medium_campaign_adds_seeds_5_and_6_only_while_the_best_gap_is_not_told_apart",)),
+             ("tests/test_sla_ablation.py::test_medium_campaign_adds_seeds_5_and_6_only_if_the_best_gap_is_not_told_apart_at_seed_4",)),
     Mutation("ablation_seeds_ignored", "plot_results.py", "--ablation --seeds reads every seed's logs, not the given",
              "if seed in args.seeds}", "if True}",
-             ("tests/test_sla_ablation.py::test_medium_campaign_adds_seeds_5_and_6_only_while_the_best_gap_is_not_told_apart",)),
+             ("tests/test_sla_ablation.py::test_medium_campaign_adds_seeds_5_and_6_only_if_the_best_gap_is_not_told_apart_at_seed_4",)),
     Mutation("campaign_ratio_always_extended", "experiments/sla_ablation.sh", "every head ratio gets seeds 3 and 4, "
              "also one whose mean is above ratio 0.75's",
              '--among sla-skip9 "$arm" --seeds 1 2)" = "$arm" ]', '--among sla-skip9 "$arm" --seeds 1 2)" != none ]',
