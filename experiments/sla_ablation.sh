@@ -75,7 +75,7 @@ ask_logs() {  # plot_results.py --ablation over every log so far (the campaign's
 plan() {  # every run the campaign wants by now, in the order to run them
     local best arm
     if [ "$ABLATION" = medium-8k ]; then
-        # seeds 1 to 4 of every arm, then seeds 5 and 6 of plain and the best SLA arm if its gap is not yet told apart;
+        # seeds 1 to 4 of every arm, then seeds 5 and 6 of plain and the best SLA arm if its gap is not told apart,
         # decided on seeds 1 to 4 alone: a seed 5 that lands told apart must not cancel seed 6 (stopping at the first
         # look that says yes would make "told apart" likelier than the test's 5%)
         runs "1 2 3 4" plain $SLA_ARMS
