@@ -472,6 +472,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if sum(map(bool, (args.runs, args.ablation, args.gap))) != 1:
         parser.error("give one of RUN ..., --ablation DIR or --gap DIR ...")
+    # A flag that the chosen mode does not read would be dropped without a word: refuse it instead.
+    ablation_only = {"length": args.length, "best_sla_arm": args.best_sla_arm, "among": args.among,
+                     "told_apart": args.told_apart, "seed_gpus": args.seed_gpus, "seeds": args.seeds}  # fmt: skip
+    for flag, value in ablation_only.items():
+        if value and not args.ablation:
+            parser.error(f"--{flag} works with --ablation DIR only; drop it or compare an ablation folder")
+    if args.among and not args.best_sla_arm:
+        parser.error("--among ranks arms for --best_sla_arm only; add --best_sla_arm or drop --among")
     if args.gap:
         table = "\n\n".join(f"{folder}\n\n" + gap_table(arms, longest_length(arms))
                               for folder, arms in ((folder, read_ablation(folder)) for folder in args.gap))  # fmt: skip

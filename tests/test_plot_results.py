@@ -162,6 +162,23 @@ def test_ablation_folder_errors(ablation_dir, tmp_path):
         plot_results.main(["--ablation", str(tmp_path)])
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gap", "DIR", "--seeds", "1", "2"], "--seeds works with --ablation DIR only"),
+        (["--gap", "DIR", "--length", "64"], "--length works with --ablation DIR only"),
+        (["RUN", "--told_apart", "sla-skip1"], "--told_apart works with --ablation DIR only"),
+        (["--ablation", "DIR", "--among", "sla-skip1"], "--among ranks arms for --best_sla_arm only"),
+    ],
+)
+def test_a_flag_the_mode_does_not_read_is_refused(ablation_dir, flags, message, capsys):
+    """--seeds with --gap used to be dropped without a word: the gap table then silently read every seed."""
+    paths = {"DIR": str(ablation_dir), "RUN": str(ablation_dir / "plain-seed1.jsonl")}
+    with pytest.raises(SystemExit):
+        plot_results.main([paths.get(flag, flag) for flag in flags])
+    assert message in capsys.readouterr().err
+
+
 def test_gap_against_tokens_recomputed_from_the_logs(ablation_dir, tmp_path):
     png, table_path = tmp_path / "gap.png", tmp_path / "gap.md"
     table = plot_results.main(
