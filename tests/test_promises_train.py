@@ -25,6 +25,7 @@ from conftest import REPO, SUBPROCESS_ENV, cli, finish, random_hf_gpt2, read_unt
 from torch.nn import functional as F
 
 import model as model_module
+import plot_results
 import train
 from configurator import parse_config
 from model import GPT
@@ -109,13 +110,29 @@ CONFIGS = sorted((REPO / "config").glob("train_gpt2_*.py"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
 def test_gpu_configs_train_with_nanogpts_schedule_and_the_default_sla(path):
     """The README's training settings: nanoGPT's warmup, cosine, clipping and AdamW; 6e-4 peak for small, 3e-4
-    for medium, decaying to a tenth; SLA's defaults 9 of 12 heads and skip 9."""
+    for medium, decaying to a tenth; 3 of 4 heads skip, at the skip distance its size's ablation measured best."""
     config = parse_config(TrainConfig, [str(path), "--sla"])
     assert (config.decay_lr, config.warmup_iters, config.lr_decay_iters) == (True, 2000, 600_000)
     assert (config.grad_clip, config.weight_decay, config.beta1, config.beta2) == (1.0, 0.1, 0.9, 0.95)
     assert config.learning_rate == (3e-4 if "medium" in path.name else 6e-4)
     assert config.min_lr == pytest.approx(config.learning_rate / 10)
-    assert (config.sla_head_ratio, config.sla_skip) == (0.75, 9)
+    size = "medium" if "medium" in path.name else "small"
+    assert (config.sla_head_ratio, config.sla_skip) == (0.75, measured_sla_skip(*SKIP_ABLATIONS[size]))
+
+
+def measured_sla_skip(folder: str, arms: list[str]) -> int:
+    """The skip distance of the lowest-mean arm of an ablation, which must be told apart from plain to be a default."""
+    ablation = str(REPO / "results" / folder)
+    best = plot_results.main(["--ablation", ablation, "--best_sla_arm", "--among", *arms])
+    assert plot_results.main(["--ablation", ablation, "--told_apart", best]) == "yes", (folder, best)
+    return int(best.removeprefix("sla-skip"))
+
+
+# The configs' skip distance follows the committed ablations: a seed that reorders the arms fails the test above.
+SKIP_ABLATIONS = {  # size: (results folder, the skip-distance arms it compares at sla_head_ratio=0.75)
+    "small": ("sla-ablation-16k", ["sla-skip9", "sla-skip3", "sla-skip1"]),
+    "medium": ("sla-ablation-medium-8k", ["sla-skip9", "sla-skip15"]),
+}
 
 
 # ---------------------------------------------------------------------------------- optimizer steps redone by hand

@@ -511,6 +511,14 @@ MUTATIONS = [
              "prints Python's 'Exception ignored' traceback",
              "    sys.unraisablehook = quiet_after_a_stop\n", "",
              (f"{SF}::test_prepare_stopped_by_a_signal_that_lands_in_a_fork_hook_still_stops",)),
+    Mutation("plot_mode_flag_dropped", "plot_results.py", "a flag the chosen mode does not read (--seeds with --gap) "
+             "is dropped without a word",
+             "if value and not args.ablation:", "if False:",
+             ("tests/test_plot_results.py::test_a_flag_the_mode_does_not_read_is_refused",)),
+    Mutation("medium_config_small_skip", "config/train_gpt2_medium_8k.py", "the medium 8K config keeps the small "
+             "model's sla_skip=9, not the skip distance its ablation measured best",
+             "sla_skip = 15\n", "sla_skip = 9\n",
+             ("tests/test_promises_train.py::test_gpu_configs_train_with_nanogpts_schedule_and_the_default_sla",)),
     Mutation("cost_flops_without_unread_kv", "plot_results.py", "the cost table counts the K/V rows that SLA "
              "layers leave out of c_attn",
              "(flops - 6 * unread_kv_rows * sla.n_embd) / flops", "1.0",
