@@ -11,11 +11,8 @@ n_head = 16
 n_embd = 1024
 block_size = 16384
 
-# With --sla, 12 of 16 heads of layers 15-23 read the K/V of layers 0-8 (sla_skip=15), not the small model's
-# sla_skip=9 (15 of 24 layers with skip heads). Measured for GPT-2 medium at 8K over 65.5M tokens: sla_skip=15 ends
-# 0.052 ± 0.034 below plain over six seeds, told apart from seed noise, and below sla_skip=9 in all four seeds they
-# share; sla_skip=9 is 0.028 ± 0.036 below plain, not told apart (RESULTS.md, "GPT-2 medium at 8K"). The 4K and 16K
-# configs have the same depth and take the same setting; it was measured at 8K only.
+# With --sla, 12 of 16 heads of layers 15-23 read the K/V of layers 0-8: the skip distance measured best for
+# GPT-2 medium at 8K (why: config/train_gpt2_medium_8k.py); same depth here, not measured at this context.
 sla_skip = 15
 
 # 524,288 tokens per optimizer step = batch_size 2 x block_size 16384 x gradient_accumulation_steps 16.

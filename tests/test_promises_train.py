@@ -7,6 +7,7 @@ log_interval and the logged rates, always_save_checkpoint, evaluation on fixed w
 batch sizes (scored here by transformers' GPT-2), uint32 token files, SIGINT, and the DDP divisibility error.
 """
 
+import functools
 import json
 import os
 import random
@@ -120,7 +121,8 @@ def test_gpu_configs_train_with_nanogpts_schedule_and_the_default_sla(path):
     assert (config.sla_head_ratio, config.sla_skip) == (0.75, measured_sla_skip(*SKIP_ABLATIONS[size]))
 
 
-def measured_sla_skip(folder: str, arms: list[str]) -> int:
+@functools.cache  # one reading of each ablation folder, not one per config
+def measured_sla_skip(folder: str, arms: tuple[str, ...]) -> int:
     """The skip distance of the lowest-mean arm of an ablation, which must be told apart from plain to be a default."""
     ablation = str(REPO / "results" / folder)
     best = plot_results.main(["--ablation", ablation, "--best_sla_arm", "--among", *arms])
@@ -130,8 +132,8 @@ def measured_sla_skip(folder: str, arms: list[str]) -> int:
 
 # The configs' skip distance follows the committed ablations: a seed that reorders the arms fails the test above.
 SKIP_ABLATIONS = {  # size: (results folder, the skip-distance arms it compares at sla_head_ratio=0.75)
-    "small": ("sla-ablation-16k", ["sla-skip9", "sla-skip3", "sla-skip1"]),
-    "medium": ("sla-ablation-medium-8k", ["sla-skip9", "sla-skip15"]),
+    "small": ("sla-ablation-16k", ("sla-skip9", "sla-skip3", "sla-skip1")),
+    "medium": ("sla-ablation-medium-8k", ("sla-skip9", "sla-skip15")),
 }
 
 
