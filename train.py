@@ -982,8 +982,10 @@ def make_train_step(model, forward, optimizer, batches, *, micro_steps=1, grad_c
                 scaler.scale(loss / micro_steps).backward()
             loss_sum += loss.detach()
 
-        # loss all-reduce: one all-reduce carries the loss and the stop flag, so all ranks agree on both
-        loss_and_stop = torch.stack([loss_sum / micro_steps, loss_sum.new_tensor(stop_requested)])
+        # loss all-reduce: one all-reduce carries the loss and the stop flag, so all ranks agree on both. The flag is
+        # filled in on the device: a tensor made from the host's value would be a blocking copy, which waits for the
+        # forward and backward just queued and leaves the device idle while the host launches the optimizer step
+        loss_and_stop = torch.stack([loss_sum / micro_steps, torch.full_like(loss_sum, float(stop_requested))])
         world_size = 1
         if ddp_model is not None:
             dist.all_reduce(loss_and_stop)

@@ -33,6 +33,7 @@ BENCH_ARGS=${BENCH_ARGS:---warmup_steps=3 --rounds=2 --block_steps=10}
 EXTRA_ARGS=${EXTRA_ARGS:-}  # appended to every train.py and bench.py call, e.g. a tiny vocabulary on a CPU
 VOCAB_SIZE=${VOCAB_SIZE:-50257}  # of the random corpus: GPT-2's
 DATA=$WORK/data
+TAG=${SHAPES//[:,]/-}  # in bench's file names, so that a call per shape keeps each shape's bench rows and log
 started=$SECONDS
 mkdir -p "$WORK/logs" "$DEST"
 
@@ -68,8 +69,8 @@ measure() {  # settings name, then its arguments
     local name=$1 settings=$2 shape size block batch sla run
     echo "== $name: bench.py ($(( SECONDS - started )) s so far)"
     $PYTHON bench.py --shapes="$SHAPES" --sla_skips=9 --peer="$PEER" --data="$DATA" --decode_tokens=0 \
-        --device="$DEVICE" $BENCH_ARGS $settings $EXTRA_ARGS --out="$WORK/bench-$name.jsonl" \
-        > "$WORK/logs/bench-$name.txt" 2>&1 || { tail -n 30 "$WORK/logs/bench-$name.txt"; exit 1; }
+        --device="$DEVICE" $BENCH_ARGS $settings $EXTRA_ARGS --out="$WORK/bench-$name-$TAG.jsonl" \
+        > "$WORK/logs/bench-$name-$TAG.txt" 2>&1 || { tail -n 30 "$WORK/logs/bench-$name-$TAG.txt"; exit 1; }
     for shape in ${SHAPES//,/ }; do
         IFS=: read -r size block batch <<< "$shape"
         for sla in False True; do
@@ -86,17 +87,17 @@ measure() {  # settings name, then its arguments
     done
 }
 
-rm -f "$WORK"/bench-*.jsonl
+rm -f "$WORK/bench-fastest-$TAG.jsonl" "$WORK/bench-defaults-$TAG.jsonl"  # bench appends
 measure fastest "$FASTEST"
 measure defaults "$DEFAULTS"
 
-$PYTHON - "$WORK" "$DEST" "$SHAPES" "$SKIP" "$LOG_INTERVAL" <<'EOF'
+$PYTHON - "$WORK" "$DEST" "$SHAPES" "$SKIP" "$LOG_INTERVAL" "$TAG" <<'EOF'
 import json, re, statistics, sys
 work, dest, shapes = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-skip, log_interval = int(sys.argv[4]), int(sys.argv[5])
+skip, log_interval, tag = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 rows = []
 for name in ("fastest", "defaults"):
-    bench = [json.loads(line) for line in open(f"{work}/bench-{name}.jsonl")]
+    bench = [json.loads(line) for line in open(f"{work}/bench-{name}-{tag}.jsonl")]
     for shape in shapes:
         by_model = {row["model"]: row for row in bench if row["shape"] == shape}
         for model in ("plain", "sla"):

@@ -2,7 +2,7 @@
 forward and backward; static-cache decoding agrees with recomputation, and its step compiles to one CUDA graph;
 where flash-attn-4 is installed (Hopper or Blackwell), FA4 attention (fa4.py) agrees with SDPA's flash kernel and
 train.py trains with it; train.py at its fastest settings (CUDA graphs, a compiled optimizer step) evaluates and
-resumes exactly."""
+resumes exactly; a training step returns before the device has done its work."""
 
 import json
 import math
@@ -304,3 +304,28 @@ def test_train_py_with_cuda_graphs_and_a_compiled_optimizer_evaluates_and_resume
     for key, value in reference.items():
         assert math.isfinite(value) and resumed[key] == pytest.approx(value, rel=2e-3), key
     assert reference[(6, "val/loss@64")] < math.log(257)  # it learnt
+
+
+@pytest.mark.parametrize("compile_optimizer", [False, True])
+def test_a_training_step_returns_while_the_device_is_still_busy(compile_optimizer):
+    """make_train_step's step queues its forward, backward and optimizer step and returns without waiting for the
+    device (only for the step before's loss): a blocking copy or a read of a device value inside it would hold the host
+    until the queued work is done, leaving the device idle while the host launches the rest. A one-second kernel
+    queued ahead of the step must still be running when the step returns."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64, sla=True, sla_skip=1)).cuda()
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda", for_compile=compile_optimizer)
+    batch = torch.randint(0, 256, (4, 65), device="cuda")
+    batches = iter(lambda: (batch[:, :-1], batch[:, 1:]), None)
+    step = train.make_train_step(
+        model, lambda x, y: model(x, y, return_logits=False)[1], optimizer, batches, grad_clip=1.0,
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16), compile_optimizer=compile_optimizer,
+    )  # fmt: skip
+    for _ in range(3):  # compilation and the first steps' allocations
+        step()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of one busy kernel: its clock cycles at 1.5-2 GHz
+    outcome = step(stop_requested=True)
+    still_busy = not torch.cuda.current_stream().query()
+    assert still_busy, "the training step waited for the device"
+    assert outcome.wait().stop is True and math.isfinite(outcome.loss)
