@@ -1031,8 +1031,8 @@ class StepClock:
 
 
 def log_step(run: Run, progress: Progress, lr: float, clock: StepClock):
-    if run.device.startswith("cuda"):
-        torch.cuda.synchronize()  # the clock reads finished work; only on log steps, not every step
+    # No synchronize: the step's loss is on the host, so its forward and backward are done and laps from one log line
+    # to the next time whole steps; its optimizer step, still queued, keeps the device busy while the host logs
     step_time = clock.lap(progress.iter_num)
     tokens_per_s = run.tokens_per_iter / step_time
     mfu = run.model.estimate_mfu(tokens_per_s / run.world_size, seq_len=run.config.block_size)  # per GPU
