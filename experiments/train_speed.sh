@@ -7,6 +7,7 @@
 #
 #   bash experiments/train_speed.sh                      # small:4096:4, small:16384:1 and medium:8192:1
 #   bash experiments/train_speed.sh medium:8192:1        # one shape (on an H100 or H200 each takes a few minutes)
+#   SETTINGS=fastest bash experiments/train_speed.sh     # the fastest settings alone (about half the time)
 #
 # Per settings: one bench.py run (plain, nanoGPT, SLA of every shape, timed round-robin), then one train.py run per
 # shape and model, STEPS steps logged every LOG_INTERVAL; train_tokens_per_s is the median over the log's lines
@@ -29,12 +30,17 @@ LOG_INTERVAL=${LOG_INTERVAL:-5}
 # the same keys in train.py and bench.py, so one string sets both
 FASTEST=${FASTEST:---compile=True --compile_mode=reduce-overhead --compile_optimizer=True --attention=fa4}
 DEFAULTS=${DEFAULTS:---compile=True}  # what the GPU configs set; attention auto, compile_mode default
+SETTINGS=${SETTINGS:-fastest defaults}  # which of the two to measure, in this order
 BENCH_ARGS=${BENCH_ARGS:---warmup_steps=3 --rounds=2 --block_steps=10}
 EXTRA_ARGS=${EXTRA_ARGS:-}  # appended to every train.py and bench.py call, e.g. a tiny vocabulary on a CPU
 VOCAB_SIZE=${VOCAB_SIZE:-50257}  # of the random corpus: GPT-2's
 DATA=$WORK/data
 TAG=${SHAPES//[:,]/-}  # in bench's file names, so that a call per shape keeps each shape's bench rows and log
 started=$SECONDS
+for name in $SETTINGS; do
+    [[ $name = fastest || $name = defaults ]] \
+        || { echo "error: SETTINGS=\"$SETTINGS\": each must be fastest or defaults" >&2; exit 1; }
+done
 mkdir -p "$WORK/logs" "$DEST"
 
 if [ ! -f "$DATA/meta.json" ]; then  # 16M random tokens, in prepare_openwebtext.py's format
@@ -52,8 +58,8 @@ with open(os.path.join(folder, "meta.json"), "w") as f:
 EOF
 fi
 
-case $FASTEST in
-    *attention=fa4*) $PYTHON -c 'import flash_attn.cute' \
+case " $SETTINGS $FASTEST " in
+    *" fastest "*attention=fa4*) $PYTHON -c 'import flash_attn.cute' \
         || { echo "error: the fastest settings run FA4: install requirements-fa4.txt first" >&2; exit 1; } ;;
 esac
 
@@ -87,16 +93,18 @@ measure() {  # settings name, then its arguments
     done
 }
 
-rm -f "$WORK/bench-fastest-$TAG.jsonl" "$WORK/bench-defaults-$TAG.jsonl"  # bench appends
-measure fastest "$FASTEST"
-measure defaults "$DEFAULTS"
+declare -A SETTINGS_ARGS=([fastest]=$FASTEST [defaults]=$DEFAULTS)
+for name in $SETTINGS; do
+    rm -f "$WORK/bench-$name-$TAG.jsonl"  # bench appends
+    measure "$name" "${SETTINGS_ARGS[$name]}"
+done
 
-$PYTHON - "$WORK" "$DEST" "$SHAPES" "$SKIP" "$LOG_INTERVAL" "$TAG" <<'EOF'
+$PYTHON - "$WORK" "$DEST" "$SHAPES" "$SKIP" "$LOG_INTERVAL" "$TAG" "$SETTINGS" <<'EOF'
 import json, re, statistics, sys
 work, dest, shapes = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-skip, log_interval, tag = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+skip, log_interval, tag, settings = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7].split()
 rows = []
-for name in ("fastest", "defaults"):
+for name in settings:
     bench = [json.loads(line) for line in open(f"{work}/bench-{name}-{tag}.jsonl")]
     for shape in shapes:
         by_model = {row["model"]: row for row in bench if row["shape"] == shape}

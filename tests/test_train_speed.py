@@ -306,3 +306,14 @@ def test_train_speed_script_writes_a_row_per_shape_model_and_settings(tmp_path):
     plain, sla = rows[0]["train_tokens_per_s"], rows[1]["train_tokens_per_s"]
     assert rows[1]["sla_vs_plain_step_time"] == pytest.approx(plain / sla)
     assert not (tmp_path / "work" / "runs" / "fastest-tiny-32-2-sla" / "ckpt.pt").exists()
+    # SETTINGS picks which settings to measure: a wrong name stops before anything runs, one settings appends its rows
+    wrong = subprocess.run(["bash", "experiments/train_speed.sh", "tiny:32:2"], cwd=REPO,
+                           env={**env, "SETTINGS": "fast"}, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert wrong.returncode == 1 and 'SETTINGS="fast"' in wrong.stderr and "fastest or defaults" in wrong.stderr
+    again = subprocess.run(["bash", "experiments/train_speed.sh", "tiny:32:2"], cwd=REPO,
+                           env={**env, "SETTINGS": "defaults"}, capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "== fastest" not in again.stdout
+    rows = [json.loads(line) for line in (tmp_path / "results" / "train-speed-cpu.jsonl").read_text().splitlines()]
+    assert [(row["settings"], row["sla"]) for row in rows[4:]] == [("defaults", False), ("defaults", True)]
