@@ -37,8 +37,9 @@ VOCAB_SIZE=${VOCAB_SIZE:-50257}  # of the random corpus: GPT-2's
 DATA=$WORK/data
 TAG=${SHAPES//[:,]/-}  # in bench's file names, so that a call per shape keeps each shape's bench rows and log
 started=$SECONDS
+declare -A SETTINGS_ARGS=([fastest]=$FASTEST [defaults]=$DEFAULTS)
 for name in $SETTINGS; do
-    [[ $name = fastest || $name = defaults ]] \
+    [[ -v SETTINGS_ARGS[$name] ]] \
         || { echo "error: SETTINGS=\"$SETTINGS\": each must be fastest or defaults" >&2; exit 1; }
 done
 mkdir -p "$WORK/logs" "$DEST"
@@ -58,10 +59,10 @@ with open(os.path.join(folder, "meta.json"), "w") as f:
 EOF
 fi
 
-case " $SETTINGS $FASTEST " in
-    *" fastest "*attention=fa4*) $PYTHON -c 'import flash_attn.cute' \
-        || { echo "error: the fastest settings run FA4: install requirements-fa4.txt first" >&2; exit 1; } ;;
-esac
+if [[ " $SETTINGS " = *" fastest "* && $FASTEST = *attention=fa4* ]]; then
+    $PYTHON -c 'import flash_attn.cute' \
+        || { echo "error: the fastest settings run FA4: install requirements-fa4.txt first" >&2; exit 1; }
+fi
 
 # each shape's model size as train.py keys, from bench.MODELS, in one python call (an unknown size stops the script)
 sizes=$($PYTHON -c "
@@ -93,7 +94,6 @@ measure() {  # settings name, then its arguments
     done
 }
 
-declare -A SETTINGS_ARGS=([fastest]=$FASTEST [defaults]=$DEFAULTS)
 for name in $SETTINGS; do
     rm -f "$WORK/bench-$name-$TAG.jsonl"  # bench appends
     measure "$name" "${SETTINGS_ARGS[$name]}"
