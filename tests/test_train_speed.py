@@ -275,7 +275,8 @@ def test_a_run_outside_a_git_checkout_says_so(byte_data, tmp_path):
 
 def test_train_speed_script_writes_a_row_per_shape_model_and_settings(tmp_path):
     """experiments/train_speed.sh on the CPU with a tiny shape, nothing compiled: for each settings one bench.py run
-    and one train.py run per model, then rows that put train.py's steady tokens/s beside bench.py's and nanoGPT's."""
+    and one train.py run per model, then rows that put train.py's steady tokens/s beside bench.py's and nanoGPT's.
+    Each shape's rows are appended when its runs are done: a shape that fails leaves those of the shapes before."""
     env = {
         **SUBPROCESS_ENV, "PYTHON": sys.executable, "WORK": str(tmp_path / "work"), "DEST": str(tmp_path / "results"),
         "PEER": str(PEER), "DEVICE": "cpu", "STEPS": "6", "SKIP": "2", "LOG_INTERVAL": "2", "VOCAB_SIZE": "256",
@@ -299,21 +300,28 @@ def test_train_speed_script_writes_a_row_per_shape_model_and_settings(tmp_path):
         assert row["train_vs_nanogpt"] == pytest.approx(row["train_tokens_per_s"] / row["nanogpt_tokens_per_s"])
         assert row["train_steps_timed"] == 4  # steps 3-6: the log's lines after step 2, every 2 steps
         assert row["provenance"]["device"] == "cpu"
-    log = [json.loads(line) for line in (tmp_path / "work" / "logs" / "fastest-tiny-32-2-sla.jsonl").open()]
+    logs = tmp_path / "work" / "logs" / "tiny-32-2"  # per shape: bench's rows and output, each run's log and output
+    assert {path.name for path in logs.iterdir()} == {
+        f"{name}{suffix}" for settings in ("fastest", "defaults") for suffix in (".jsonl", ".txt")
+        for name in (f"bench-{settings}", f"{settings}-tiny-32-2-plain", f"{settings}-tiny-32-2-sla")
+    }  # fmt: skip
+    log = [json.loads(line) for line in (logs / "fastest-tiny-32-2-sla.jsonl").open()]
     steady = [line["ms_per_step"] for line in log if "train/loss" in line and line["iter"] > 2]
     assert rows[1]["train_tokens_per_s"] == pytest.approx(32 * 2 / (statistics.median(steady) / 1000))
     assert log[0]["config"]["block_size"] == 32 and log[0]["config"]["gradient_accumulation_steps"] == 1
     plain, sla = rows[0]["train_tokens_per_s"], rows[1]["train_tokens_per_s"]
     assert rows[1]["sla_vs_plain_step_time"] == pytest.approx(plain / sla)
     assert not (tmp_path / "work" / "runs" / "fastest-tiny-32-2-sla" / "ckpt.pt").exists()
-    # SETTINGS picks which settings to measure: a wrong name stops before anything runs, one settings appends its rows
+    # SETTINGS picks which settings to measure: a wrong name stops before anything runs; one settings appends its
+    # rows, shape by shape, so a shape whose bench.py run fails (a batch of 0) leaves the rows of the one before
     wrong = subprocess.run(["bash", "experiments/train_speed.sh", "tiny:32:2"], cwd=REPO,
                            env={**env, "SETTINGS": "fast"}, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert wrong.returncode == 1 and 'SETTINGS="fast"' in wrong.stderr and "fastest or defaults" in wrong.stderr
-    again = subprocess.run(["bash", "experiments/train_speed.sh", "tiny:32:2"], cwd=REPO,
+    again = subprocess.run(["bash", "experiments/train_speed.sh", "tiny:32:2,tiny:32:0"], cwd=REPO,
                            env={**env, "SETTINGS": "defaults"}, capture_output=True, text=True,
                            timeout=600)  # fmt: skip
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "== fastest" not in again.stdout
+    assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "== fastest" not in again.stdout and "'tiny:32:0' is not model:block_size:batch_size" in again.stdout
+    assert "appended 2 rows" in again.stdout.split("== defaults tiny:32:0")[0]
     rows = [json.loads(line) for line in (tmp_path / "results" / "train-speed-cpu.jsonl").read_text().splitlines()]
     assert [(row["settings"], row["sla"]) for row in rows[4:]] == [("defaults", False), ("defaults", True)]
