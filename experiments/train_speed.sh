@@ -66,10 +66,15 @@ if [[ " $SETTINGS " = *" fastest "* && $FASTEST = *attention=fa4* ]]; then
         || { echo "error: the fastest settings run FA4: install requirements-fa4.txt first" >&2; exit 1; }
 fi
 
-# each shape's model size as train.py keys, from bench.MODELS, in one python call (an unknown size stops the script)
+# each shape's model size as train.py keys, from bench.MODELS, in one python call; a wrong shape stops the script
+# here, before the first shape's minutes on the GPU, not when its turn comes
 sizes=$($PYTHON -c "
 import bench, sys
-for size in dict.fromkeys(shape.split(':')[0] for shape in sys.argv[1].split(',')):
+try:
+    shapes = [bench.parse_shape(text) for text in sys.argv[1].split(',')]
+except ValueError as err:
+    sys.exit(f'error: {err}')
+for size in dict.fromkeys(shape.size for shape in shapes):
     print(size, ' '.join(f'--{k}={v}' for k, v in bench.MODELS[size].items()))" "$SHAPES")
 declare -A MODEL_ARGS
 while read -r size args; do MODEL_ARGS[$size]=$args; done <<< "$sizes"
@@ -101,7 +106,7 @@ append_rows() {  # settings name, shape, its logs folder: plain's and SLA's rows
     $PYTHON - "$DEST" "$SKIP" "$LOG_INTERVAL" "$@" <<'EOF'
 import json, re, statistics, sys
 dest, skip, log_interval, name, shape, logs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
-bench = {row["model"]: row for row in map(json.loads, open(f"{logs}/bench-{name}.jsonl")) if row["shape"] == shape}
+bench = {row["model"]: row for row in map(json.loads, open(f"{logs}/bench-{name}.jsonl"))}  # this shape's alone
 size, block, batch = shape.split(":")
 rows = []
 for model in ("plain", "sla"):

@@ -312,16 +312,21 @@ def test_train_speed_script_writes_a_row_per_shape_model_and_settings(tmp_path):
     plain, sla = rows[0]["train_tokens_per_s"], rows[1]["train_tokens_per_s"]
     assert rows[1]["sla_vs_plain_step_time"] == pytest.approx(plain / sla)
     assert not (tmp_path / "work" / "runs" / "fastest-tiny-32-2-sla" / "ckpt.pt").exists()
-    # SETTINGS picks which settings to measure: a wrong name stops before anything runs; one settings appends its
-    # rows, shape by shape, so a shape whose bench.py run fails (a batch of 0) leaves the rows of the one before
+    # SETTINGS picks which settings to measure and a wrong name, like a wrong shape (a batch of 0), stops before
+    # anything runs; rows are appended settings by settings, so settings whose bench.py run fails (an unknown compile
+    # mode) leave the rows of those before
     wrong = subprocess.run(["bash", "experiments/train_speed.sh", "tiny:32:2"], cwd=REPO,
                            env={**env, "SETTINGS": "fast"}, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert wrong.returncode == 1 and 'SETTINGS="fast"' in wrong.stderr and "fastest or defaults" in wrong.stderr
-    again = subprocess.run(["bash", "experiments/train_speed.sh", "tiny:32:2,tiny:32:0"], cwd=REPO,
-                           env={**env, "SETTINGS": "defaults"}, capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
+    wrong = subprocess.run(["bash", "experiments/train_speed.sh", "tiny:32:2,tiny:32:0"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert wrong.returncode == 1 and "==" not in wrong.stdout
+    assert "error: shapes: 'tiny:32:0' is not model:block_size:batch_size" in wrong.stderr
+    again = subprocess.run(["bash", "experiments/train_speed.sh", "tiny:32:2"], cwd=REPO,
+                           env={**env, "SETTINGS": "defaults fastest", "FASTEST": "--compile_mode=fastest"},
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "== fastest" not in again.stdout and "'tiny:32:0' is not model:block_size:batch_size" in again.stdout
-    assert "appended 2 rows" in again.stdout.split("== defaults tiny:32:0")[0]
+    assert "compile_mode must be one of" in again.stdout
+    assert "appended 2 rows" in again.stdout.split("== fastest tiny:32:2")[0]
     rows = [json.loads(line) for line in (tmp_path / "results" / "train-speed-cpu.jsonl").read_text().splitlines()]
     assert [(row["settings"], row["sla"]) for row in rows[4:]] == [("defaults", False), ("defaults", True)]
